@@ -1,0 +1,244 @@
+"""The ``hyperpy`` command line (typer).
+
+Options mirror cloud-hypervisor's.  Every user error (a :class:`~hyperpy.errors.HyperpyError`,
+or a malformed command line) is printed as one line ``hyperpy: error: ...`` on stderr with exit
+status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.24 vendors click; its exceptions all derive from TyperException
+    from typer import TyperException as _CommandLineError
+except ImportError:  # older typer on top of click
+    from click import ClickException as _CommandLineError
+
+from . import __version__
+from .config import build_vm_config
+from .cpuid import mask_names
+from .errors import ConfigError, HyperpyError
+
+PROG = "hyperpy"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("hyperpy")
+
+
+class OneLineErrorGroup(TyperGroup):
+    """A group whose command-line errors are one ``hyperpy: error: ...`` line, exit status 2."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode,
+                                windows_expand_args, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except _CommandLineError as e:   # UsageError, BadParameter, NoSuchOption, ...
+            ctx = getattr(e, "ctx", None)
+            see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _print_error(f"{e.format_message()}{see}")
+            sys.exit(getattr(e, "exit_code", EXIT_USAGE))
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    name=PROG,
+    cls=OneLineErrorGroup,
+    help=(
+        "hyperpy: a KVM virtual machine monitor with a Python control plane and Cython hot "
+        "paths.\n\n"
+        "Boots a Linux kernel (PVH ELF, vmlinux or bzImage) with an optional initramfs on "
+        "/dev/kvm, with a serial console on COM1.  Options follow cloud-hypervisor's syntax.\n\n"
+        "Example: hyperpy run --kernel builtin:hello --cpus boot=2 --memory size=1G"
+    ),
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_error(message: str) -> None:
+    one_line = " ".join(str(message).split())
+    typer.echo(f"{PROG}: error: {one_line}", err=True)
+
+
+def fail(error: HyperpyError | str) -> NoReturn:
+    """Print ``error`` as one line and exit with status 2."""
+    _print_error(str(error))
+    raise typer.Exit(EXIT_USAGE)
+
+
+# --------------------------------------------------------------------------- logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+STDERR_FORMAT = f"{PROG}: %(levelname)s %(name)s: %(message)s"
+_handlers: list[logging.Handler] = []
+
+
+def log_level(verbose: int) -> int:
+    """0 -> WARNING, 1 (-v) -> INFO, 2+ (-vv) -> DEBUG."""
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+
+
+def setup_logging(verbose: int, log_file: Path | None) -> None:
+    """Log hyperpy's messages to ``log_file``, or to stderr when none is given."""
+    logger = logging.getLogger(PROG)
+    for h in _handlers:
+        logger.removeHandler(h)
+        h.close()
+    _handlers.clear()
+    if log_file is not None:
+        try:
+            handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--log-file: cannot open {log_file}: {e.strerror}") from None
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(STDERR_FORMAT))
+    logger.addHandler(handler)
+    _handlers.append(handler)
+    logger.setLevel(log_level(verbose))
+    logger.propagate = False
+
+
+# --------------------------------------------------------------------------- help texts
+
+CPUS_HELP = (
+    "vCPUs: boot=N[,features=[-NAME,...]].  boot is 1-255 (default 1).  features= hides CPUID "
+    "features from the guest (names as in /proc/cpuinfo, listed below).  "
+    "Example: --cpus boot=2,features=[-popcnt]"
+)
+MEMORY_HELP = (
+    "Guest RAM: size=SIZE, then optionally shared=on|off, file=PATH, hugepages=on|off, "
+    "hugepage_size=2M|1G, prefault=on|off.  SIZE in bytes or with K/M/G/T (default 512M); "
+    "file= is an existing file or a hugetlbfs directory such as /dev/hugepages.  "
+    "Example: --memory size=1G,hugepages=on"
+)
+KERNEL_HELP = (
+    "Kernel to boot (required): a PVH ELF, vmlinux or bzImage, or builtin:NAME for a guest "
+    "shipped with hyperpy.  Example: --kernel ./vmlinux or --kernel builtin:hello"
+)
+INITRAMFS_HELP = "Initramfs (cpio archive) loaded for the kernel.  Example: --initramfs ./initrd.cpio.gz"
+CMDLINE_HELP = 'Kernel command line.  Example: --cmdline "console=ttyS0 reboot=k panic=1"'
+SERIAL_HELP = (
+    "Where COM1 goes: tty (this terminal), file=PATH, null (device present, output dropped) or "
+    "off (no device).  Example: --serial file=/tmp/serial.log"
+)
+CONSOLE_HELP = "Where the virtio console goes: off, tty, null or file=PATH.  Example: --console off"
+VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
+LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
+
+
+def features_epilog() -> str:
+    return (
+        "CPU features that --cpus features=[-NAME,...] can hide: "
+        f"{' '.join(mask_names())}.\n\n"
+        "Only the named bits are hidden: hide a feature's dependents too "
+        "(e.g. -avx2 with -avx512f,-avx512bw,...)."
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback,
+                                          is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """hyperpy: a KVM virtual machine monitor (Python control plane, Cython hot paths)."""
+    if ctx.invoked_subcommand is None:
+        text = ctx.get_help()   # rich prints the help itself and returns ""
+        if text:
+            typer.echo(text)
+
+
+RUN_HELP = (
+    "Boot a VM and run it until the guest powers off or resets.\n\n"
+    "Exit status: 0 when the guest powers off or resets, non-zero on a triple fault or an "
+    "emulation failure, 2 for a configuration error, 130 when interrupted."
+)
+
+
+@app.command(help=RUN_HELP, epilog=features_epilog())
+def run(
+    kernel: Annotated[str | None, typer.Option("--kernel", help=KERNEL_HELP,
+                                               metavar="PATH|builtin:NAME")] = None,
+    cpus: Annotated[str | None, typer.Option("--cpus", help=CPUS_HELP,
+                                             metavar="boot=N,features=[-NAME]")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help=MEMORY_HELP,
+                                               metavar="size=SIZE,...")] = None,
+    initramfs: Annotated[str | None, typer.Option("--initramfs", help=INITRAMFS_HELP,
+                                                  metavar="PATH")] = None,
+    cmdline: Annotated[str | None, typer.Option("--cmdline", help=CMDLINE_HELP,
+                                                metavar="TEXT")] = None,
+    serial: Annotated[str, typer.Option("--serial", help=SERIAL_HELP,
+                                        metavar="tty|off|null|file=PATH")] = "tty",
+    console: Annotated[str, typer.Option("--console", help=CONSOLE_HELP,
+                                         metavar="off|tty|null|file=PATH")] = "off",
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help=LOG_FILE_HELP,
+                                                  metavar="PATH", dir_okay=False)] = None,
+) -> None:
+    """``hyperpy run``: build the VmConfig, hand it to :func:`hyperpy.vmm.run_vm`, exit with
+    the status it returns."""
+    try:
+        setup_logging(verbose, log_file)
+        cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
+                              cmdline=cmdline, serial=serial, console=console)
+        log.debug("configuration: %s", cfg)
+        run_vm = _load_run_vm()
+        status = run_vm(cfg)
+    except HyperpyError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(int(status or 0))
+
+
+def _load_run_vm() -> Any:
+    try:
+        from .vmm import run_vm
+    except ImportError as e:
+        if not (e.name or "").startswith("hyperpy"):
+            raise
+        raise HyperpyError(f"cannot load the VMM ({e})",
+                           "build the Cython extensions, e.g. pip install -e .") from None
+    return run_vm
+
+
+@app.command()
+def version() -> None:
+    """Print hyperpy's version."""
+    typer.echo(f"{PROG} {__version__}")
+
+
+def main() -> None:
+    """Console-script entry point: ``hyperpy = hyperpy.cli:main``."""
+    app(prog_name=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""Command-line option strings -> validated, frozen configuration dataclasses.
+
+The syntax follows cloud-hypervisor: ``--cpus boot=2,features=[-avx2]``,
+``--memory size=1G,shared=on``, ``--serial tty|off|null|file=PATH``.  Every problem is a
+:class:`~hyperpy.errors.ConfigError` whose message is one line naming the option, the key and
+the offending value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from . import layout
+from .errors import ConfigError
+from .memory import HUGEPAGE_SIZES, MemoryBacking
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_SIZE = 512 * layout.MiB
+MAX_VCPUS = 255
+BUILTIN_PREFIX = "builtin:"
+KERNEL_HINT = "give the path of a PVH ELF, vmlinux or bzImage, or builtin:hello"
+
+_SIZE_RE = re.compile(r"(\d+)\s*([a-z]*)")
+_SIZE_SHIFTS = {
+    "": 0, "b": 0,
+    "k": 10, "kb": 10, "kib": 10,
+    "m": 20, "mb": 20, "mib": 20,
+    "g": 30, "gb": 30, "gib": 30,
+    "t": 40, "tb": 40, "tib": 40,
+}
+_TRUE = ("on", "true")
+_FALSE = ("off", "false")
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def parse_size(value: str, option: str = "--memory size") -> int:
+    """``"512M"`` -> 536870912.  Plain bytes or a K/M/G/T suffix (binary, any case, ``MiB``/``MB``
+    spellings too)."""
+    m = _SIZE_RE.fullmatch(value.strip().lower())
+    if m is None or m.group(2) not in _SIZE_SHIFTS:
+        raise ConfigError(f"{option}: {value!r} is not a size (use e.g. 512M, 2G)")
+    return int(m.group(1)) << _SIZE_SHIFTS[m.group(2)]
+
+
+def parse_bool(value: str, option: str) -> bool:
+    """``on``/``off`` (also ``true``/``false``), any case."""
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{option}: {value!r} is not on or off")
+
+
+def parse_int(value: str, option: str, lo: int, hi: int) -> int:
+    """A decimal integer in ``[lo, hi]``."""
+    try:
+        n = int(value.strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{option}: {value!r} is not a number") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{option}: {n} is out of range (give {lo} to {hi})")
+    return n
+
+
+def parse_list(value: str, option: str) -> list[str]:
+    """``[a,b]`` or ``a`` -> items, blanks dropped."""
+    v = value.strip()
+    if v.startswith("[") and v.endswith("]"):
+        v = v[1:-1]
+    return [item.strip() for item in split_items(v, option) if item.strip()]
+
+
+def unquote(value: str) -> str:
+    """Strip one pair of matching surrounding quotes."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+# --------------------------------------------------------------------------- option splitter
+
+
+def split_items(text: str, option: str) -> list[str]:
+    """Split on commas that are outside ``[...]`` and quotes."""
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"{option}: unbalanced ']' in {text!r}")
+        elif ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if quote:
+        raise ConfigError(f"{option}: unterminated quote in {text!r}")
+    if depth:
+        raise ConfigError(f"{option}: unbalanced '[' in {text!r}")
+    items.append("".join(cur))
+    return items
+
+
+def _unknown_key(option: str, key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    maybe = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"{option}: unknown key {key!r} ({maybe}known: {', '.join(known)})")
+
+
+def split_options(option: str, value: str, known: Sequence[str],
+                  bare_key: str | None = None) -> dict[str, str]:
+    """``"key=value,key=[a,b]"`` -> ``{key: value}`` with every key in ``known``.
+
+    Values may hold commas inside ``[...]`` or quotes (quotes are removed).  When ``bare_key``
+    is given, a first item without ``=`` is its value (``--cpus 2`` means ``boot=2``).
+    """
+    if not value.strip():
+        raise ConfigError(f"{option}: empty value (known keys: {', '.join(known)})")
+    out: dict[str, str] = {}
+    for i, item in enumerate(split_items(value, option)):
+        item = item.strip()
+        if not item:
+            raise ConfigError(f"{option}: empty item in {value!r}")
+        key, eq, val = item.partition("=")
+        key = key.strip().lower()
+        if not eq:
+            if i == 0 and bare_key is not None:
+                key, val = bare_key, item
+            else:
+                raise ConfigError(f"{option}: {item!r} is not key=value "
+                                  f"(known keys: {', '.join(known)})")
+        if key not in known:
+            raise _unknown_key(option, key, known)
+        if key in out:
+            raise ConfigError(f"{option}: key {key!r} given twice")
+        out[key] = unquote(val.strip())
+    return out
+
+
+# --------------------------------------------------------------------------- --cpus
+
+
+@dataclass(frozen=True)
+class CpusConfig:
+    """vCPU count and the CPUID features hidden from the guest (names without the ``-``)."""
+
+    boot: int = 1
+    features: tuple[str, ...] = ()
+
+
+CPUS_KEYS = ("boot", "features")
+
+
+def parse_feature_mask(value: str, option: str = "--cpus features") -> tuple[str, ...]:
+    """``[-avx2,-popcnt]`` or ``-avx2`` -> ``("avx2", "popcnt")``, names checked."""
+    from .cpuid import FEATURES
+
+    names: list[str] = []
+    for item in parse_list(value, option):
+        if not item.startswith("-"):
+            raise ConfigError(f"{option}: {item!r} must be written -{item.lstrip('+')} "
+                              "(features can only be hidden)")
+        name = item[1:].strip().lower()
+        if name not in FEATURES:
+            raise ConfigError(f"{option}: unknown CPU feature {name!r} (see hyperpy run --help)")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def parse_cpus(value: str | None) -> CpusConfig:
+    """``--cpus boot=N[,features=[-NAME,...]]``."""
+    if value is None:
+        return CpusConfig()
+    opts = split_options("--cpus", value, CPUS_KEYS, bare_key="boot")
+    boot = parse_int(opts["boot"], "--cpus boot", 1, MAX_VCPUS) if "boot" in opts else 1
+    features = parse_feature_mask(opts["features"]) if "features" in opts else ()
+    _warn_dependents(features)
+    return CpusConfig(boot=boot, features=features)
+
+
+def _warn_dependents(features: tuple[str, ...]) -> None:
+    from .cpuid import unmasked_dependents
+
+    left = unmasked_dependents(features)
+    if left:
+        log.warning("--cpus features: features that need a hidden one stay visible: %s "
+                    "(hide them too)", ", ".join(left))
+
+
+# --------------------------------------------------------------------------- --memory
+
+MemoryConfig = MemoryBacking
+"""``--memory`` parses straight into :class:`hyperpy.memory.MemoryBacking`."""
+
+MEMORY_KEYS = ("size", "shared", "file", "hugepages", "hugepage_size", "prefault")
+
+
+def parse_hugepage_size(value: str) -> int:
+    size = parse_size(value, "--memory hugepage_size")
+    if size not in HUGEPAGE_SIZES:
+        raise ConfigError(f"--memory hugepage_size: {value!r} is not a huge page size (use 2M or 1G)")
+    return size
+
+
+def existing_path(value: str, option: str, hint: str) -> Path:
+    """``value`` as a Path that must exist."""
+    if not value:
+        raise ConfigError(f"{option}: empty path ({hint})")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{option}: no such file: {path} ({hint})")
+    return path
+
+
+def parse_memory(value: str | None) -> MemoryBacking:
+    """``--memory size=512M[,shared=on][,file=PATH][,hugepages=on][,hugepage_size=2M|1G]
+    [,prefault=on]``."""
+    if value is None:
+        return MemoryBacking(size=DEFAULT_MEMORY_SIZE)
+    opts = split_options("--memory", value, MEMORY_KEYS, bare_key="size")
+    size = parse_size(opts["size"], "--memory size") if "size" in opts else DEFAULT_MEMORY_SIZE
+    if size <= 0:
+        raise ConfigError(f"--memory size: {opts['size']!r} must be more than 0 (e.g. 512M)")
+    file = None
+    if "file" in opts:
+        file = existing_path(opts["file"], "--memory file",
+                             "give an existing file or a hugetlbfs directory such as /dev/hugepages")
+    # A backing file only makes sense when writes reach it: shared unless said otherwise.
+    shared = parse_bool(opts["shared"], "--memory shared") if "shared" in opts else file is not None
+    hugepages = parse_bool(opts["hugepages"], "--memory hugepages") if "hugepages" in opts else False
+    hugepage_size = 2 * layout.MiB
+    if "hugepage_size" in opts:
+        hugepage_size = parse_hugepage_size(opts["hugepage_size"])
+        if not hugepages:
+            raise ConfigError(f"--memory hugepage_size: {opts['hugepage_size']!r} needs hugepages=on")
+    if hugepages and size % hugepage_size:
+        raise ConfigError(f"--memory size: {opts.get('size', '512M')!r} is not a multiple of the "
+                          f"huge page size {hugepage_size >> 20}M")
+    prefault = parse_bool(opts["prefault"], "--memory prefault") if "prefault" in opts else False
+    return MemoryBacking(size=size, shared=shared, file=file, hugepages=hugepages,
+                         hugepage_size=hugepage_size, prefault=prefault)
+
+
+# --------------------------------------------------------------------------- payload
+
+
+@dataclass(frozen=True)
+class PayloadConfig:
+    """What to boot: kernel image, optional initramfs, kernel command line."""
+
+    kernel: Path
+    initramfs: Path | None = None
+    cmdline: str = ""
+
+
+def _readable_file(value: str, option: str, hint: str) -> Path:
+    path = existing_path(value, option, hint)
+    if not path.is_file():
+        raise ConfigError(f"{option}: {path} is not a file ({hint})")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{option}: cannot read {path}: permission denied")
+    return path
+
+
+def resolve_kernel(value: str | None) -> Path:
+    """``--kernel PATH`` or ``--kernel builtin:NAME`` -> path of the image."""
+    if value is None or not value.strip():
+        raise ConfigError(f"--kernel is required ({KERNEL_HINT})")
+    if value.startswith(BUILTIN_PREFIX):
+        try:
+            from .guests import builtin_kernel
+        except ImportError as e:
+            if e.name != "hyperpy.guests":
+                raise
+            raise ConfigError(f"--kernel: {value!r}: built-in guests are not available "
+                              "in this installation") from None
+        return builtin_kernel(value[len(BUILTIN_PREFIX):])
+    return _readable_file(value, "--kernel", KERNEL_HINT)
+
+
+def parse_cmdline(value: str | None) -> str:
+    cmdline = value or ""
+    if "\0" in cmdline:
+        raise ConfigError("--cmdline: contains a NUL byte")
+    if len(cmdline.encode()) >= layout.CMDLINE_MAX_SIZE:
+        raise ConfigError(f"--cmdline: {len(cmdline.encode())} bytes is too long "
+                          f"(at most {layout.CMDLINE_MAX_SIZE - 1})")
+    return cmdline
+
+
+def parse_payload(kernel: str | None, initramfs: str | None, cmdline: str | None) -> PayloadConfig:
+    kernel_path = resolve_kernel(kernel)
+    initrd = None
+    if initramfs is not None:
+        initrd = _readable_file(initramfs, "--initramfs", "give the path of a cpio archive")
+    return PayloadConfig(kernel=kernel_path, initramfs=initrd, cmdline=parse_cmdline(cmdline))
+
+
+# --------------------------------------------------------------------------- serial / console
+
+OutputMode = Literal["tty", "file", "off", "null"]
+OUTPUT_MODES: tuple[OutputMode, ...] = ("tty", "file", "off", "null")
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    """Where the guest's COM1 goes: the terminal, a file, nowhere (off: no device; null: device
+    present, output dropped)."""
+
+    mode: OutputMode = "tty"
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Where the virtio console goes (same modes as :class:`SerialConfig`)."""
+
+    mode: OutputMode = "off"
+    path: Path | None = None
+
+
+def parse_output(option: str, value: str) -> tuple[OutputMode, Path | None]:
+    """``tty|off|null|file=PATH`` -> (mode, path)."""
+    v = value.strip()
+    key, eq, rest = v.partition("=")
+    key = key.strip().lower()
+    if not eq and key in ("tty", "off", "null"):
+        return key, None  # type: ignore[return-value]
+    if eq and key == "file":
+        raw = unquote(rest.strip())
+        if not raw:
+            raise ConfigError(f"{option}: file= needs a path (e.g. file=/tmp/serial.log)")
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{option}: {path} is a directory (give a file path)")
+        if not path.parent.is_dir():
+            raise ConfigError(f"{option}: no such directory: {path.parent}")
+        return "file", path
+    raise ConfigError(f"{option}: {value!r} is not one of tty, off, null, file=PATH")
+
+
+def parse_serial(value: str | None) -> SerialConfig:
+    if value is None:
+        return SerialConfig()
+    mode, path = parse_output("--serial", value)
+    return SerialConfig(mode, path)
+
+
+def parse_console(value: str | None) -> ConsoleConfig:
+    if value is None:
+        return ConsoleConfig()
+    mode, path = parse_output("--console", value)
+    return ConsoleConfig(mode, path)
+
+
+# --------------------------------------------------------------------------- whole VM
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything ``hyperpy run`` was asked to do, validated."""
+
+    cpus: CpusConfig
+    memory: MemoryBacking
+    payload: PayloadConfig
+    serial: SerialConfig = SerialConfig()
+    console: ConsoleConfig = ConsoleConfig()
+
+
+def build_vm_config(cpus: str | None = None, memory: str | None = None,
+                    kernel: str | None = None, initramfs: str | None = None,
+                    cmdline: str | None = None, serial: str | None = None,
+                    console: str | None = None) -> VmConfig:
+    """Parse and check every option; the first problem is raised as one ConfigError."""
+    cfg = VmConfig(
+        cpus=parse_cpus(cpus),
+        memory=parse_memory(memory),
+        payload=parse_payload(kernel, initramfs, cmdline),
+        serial=parse_serial(serial),
+        console=parse_console(console),
+    )
+    if cfg.serial.mode == "tty" and cfg.console.mode == "tty":
+        raise ConfigError("--serial and --console cannot both be tty (send one to a file or off)")
+    return cfg

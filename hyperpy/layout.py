@@ -1,0 +1,51 @@
+"""Guest-physical address layout of an x86-64 hyperpy VM.
+
+The low addresses follow the conventions of cloud-hypervisor/Firecracker so that guests and
+tools that know those VMMs find things where they expect them.
+"""
+
+from __future__ import annotations
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Boot-time structures in low memory (all below the EBDA).
+BOOT_GDT_START = 0x500          # GDT used for the initial vCPU state
+BOOT_IDT_START = 0x520          # empty IDT
+PVH_INFO_START = 0x6000         # struct hvm_start_info
+PVH_MODLIST_START = 0x6040      # hvm_modlist_entry[] (initramfs)
+PVH_MEMMAP_START = 0x6100       # hvm_memmap_table_entry[]
+ZERO_PAGE_START = 0x7000        # Linux struct boot_params ("zero page")
+PML4_START = 0x9000             # identity-map page tables for the 64-bit entry
+PDPTE_START = 0xA000
+PDE_START = 0xB000              # 4 pages of PDEs: identity map of the first 4 GiB with 2 MiB pages
+BOOT_STACK_POINTER = 0x8FF0
+CMDLINE_START = 0x20000
+CMDLINE_MAX_SIZE = 0x10000       # 64 KiB, like Linux's COMMAND_LINE_SIZE upper bound
+EBDA_START = 0x9FC00
+HIGH_RAM_START = 0x100000        # 1 MiB: kernels are loaded at or above this
+
+# 32-bit MMIO hole: [MEM_32BIT_GAP_START, 4 GiB) holds device MMIO, the LAPIC/IOAPIC and the
+# TSS/identity-map pages KVM needs; RAM that does not fit below it continues at 4 GiB.
+MEM_32BIT_GAP_START = 0xC000_0000
+MEM_32BIT_GAP_SIZE = 0x4000_0000
+RAM_64BIT_START = 0x1_0000_0000
+KVM_IDENTITY_MAP_START = 0xFFFB_C000  # one page, KVM_SET_IDENTITY_MAP_ADDR
+KVM_TSS_START = 0xFFFB_D000           # three pages, KVM_SET_TSS_ADDR
+
+# Legacy I/O ports.
+SERIAL_COM1_PORT = 0x3F8
+SERIAL_COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+BOOT_TIMER_PORT = 0x3F0          # Firecracker's historical boot-timer port
+BOOT_TIMER_MAGIC = 123
+POST_CODE_PORT = 0x80            # port 0x80 "POST code"/delay port: a null device
+
+
+def ram_ranges(size: int) -> list[tuple[int, int]]:
+    """Split ``size`` bytes of RAM around the 32-bit MMIO hole: [(gpa, length), ...]."""
+    if size <= MEM_32BIT_GAP_START:
+        return [(0, size)]
+    return [(0, MEM_32BIT_GAP_START), (RAM_64BIT_START, size - MEM_32BIT_GAP_START)]

@@ -1,0 +1,349 @@
+"""Builds a VM from a :class:`~hyperpy.config.VmConfig` and runs it.
+
+Data flows one way: config -> :class:`VmBuilder` (KVM objects, memory, devices, loaded kernel)
+-> :class:`VirtualMachine` (vCPU threads, pause/resume/stop) -> :class:`VmExit`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+import termios
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+from .boot import BootInfo, load_kernel
+from .devices.legacy.boot_timer import BootTime, BootTimer
+from .devices.legacy.i8042 import I8042
+from .devices.legacy.serial import Serial
+from .errors import ConfigError, HyperpyError
+from .memory import create_guest_memory
+from .vcpu_setup import setup_vcpu
+
+log = logging.getLogger(__name__)
+
+
+class ExitReason(enum.Enum):
+    RESET = "guest reset"
+    POWEROFF = "guest power-off"
+    STOPPED = "stopped by the user"
+    HALTED = "all vCPUs halted"
+    TRIPLE_FAULT = "triple fault (KVM shutdown exit)"
+    CRASH = "guest crash (system event)"
+    EMULATION_FAILURE = "KVM emulation failure"
+    INTERNAL_ERROR = "KVM internal error"
+    FAIL_ENTRY = "KVM entry failure"
+    VMM_ERROR = "VMM error"
+
+
+# Process exit status of `hyperpy run` for each way a VM can end.  2 is kept for usage errors.
+EXIT_STATUS = {
+    ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.HALTED: 0,
+    ExitReason.TRIPLE_FAULT: 1, ExitReason.CRASH: 1,
+    ExitReason.EMULATION_FAILURE: 3, ExitReason.INTERNAL_ERROR: 3, ExitReason.FAIL_ENTRY: 3,
+    ExitReason.VMM_ERROR: 3,
+}
+
+
+@dataclass(frozen=True)
+class VmExit:
+    reason: ExitReason
+    message: str = ""
+    vcpu: int | None = None
+
+    @property
+    def status(self) -> int:
+        return EXIT_STATUS[self.reason]
+
+
+@dataclass
+class VmStats:
+    exits: int = 0
+    fast_exits: int = 0
+    slow_exits: int = 0
+    boot_time: BootTime | None = None
+    vcpu_user_cpu_s: list[float] = field(default_factory=list)
+
+
+def _serial_fd(serial_cfg) -> tuple[int | None, bool]:
+    """(fd for guest output, whether hyperpy owns and must close it)."""
+    mode = serial_cfg.mode
+    if mode == "tty":
+        return sys.stdout.fileno(), False
+    if mode == "file":
+        try:
+            return os.open(serial_cfg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), True
+        except OSError as e:
+            raise ConfigError(f"--serial: cannot open {serial_cfg.path}: {e.strerror}",
+                              "give a writable file path") from None
+    return None, False
+
+
+class VirtualMachine:
+    """A built VM.  Create with :func:`build_vm`; call :meth:`run` once."""
+
+    def __init__(self, config, *, run_loop: str = "cython") -> None:
+        """``run_loop="python"`` runs the vCPUs with the pure-Python reference loop
+        (:mod:`hyperpy.reference.vcpu_loop`); it exists for benchmarks and tests."""
+        from ._fast.iobus import IoBus
+        from ._fast.kvm import Kvm
+        from ._fast.nulldev import NullDevice
+
+        if run_loop not in ("cython", "python"):
+            raise ValueError(f"run_loop must be 'cython' or 'python', not {run_loop!r}")
+        self.config = config
+        self.run_loop = run_loop
+        self.start_wall = time.monotonic()
+        self.start_cpu = time.process_time()
+        self._result: VmExit | None = None
+        self._done = threading.Event()
+        self._cond = threading.Condition()
+        self._paused = False
+        self._parked = 0
+        self._threads: list[threading.Thread] = []
+        self._owned_fds: list[int] = []
+        self.stats = VmStats()
+
+        self.kvm = Kvm()
+        self.kvm.require()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(layout.KVM_TSS_START)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.memory = create_guest_memory(config.memory)
+        for slot, (gpa, size, host) in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, gpa, size, host)
+
+        self.pio_bus = IoBus("port I/O bus")
+        self.mmio_bus = IoBus("MMIO bus")
+        out_fd, owned = _serial_fd(config.serial)
+        if owned:
+            self._owned_fds.append(out_fd)
+        self.serial = Serial(out_fd, irq_trigger=self._serial_irq)
+        self.pio_bus.register(layout.SERIAL_COM1_PORT, 8, self.serial)
+        self.i8042 = I8042(on_reset=lambda: self.finish(VmExit(ExitReason.RESET)))
+        self.pio_bus.register(layout.I8042_DATA_PORT, 5, self.i8042)
+        self.boot_timer = BootTimer(self.start_wall, self.start_cpu, on_boot=self._on_boot)
+        self.pio_bus.register(layout.BOOT_TIMER_PORT, 1, self.boot_timer)
+        self.post_port = NullDevice()
+        self.pio_bus.register(layout.POST_CODE_PORT, 1, self.post_port)
+
+        payload = config.payload
+        self.boot: BootInfo = load_kernel(self.memory, Path(payload.kernel), payload.cmdline or "",
+                                          Path(payload.initramfs) if payload.initramfs else None)
+        log.info("loaded %s kernel %s, entry %#x", self.boot.protocol, payload.kernel, self.boot.entry)
+
+        supported = self.kvm.supported_cpuid()
+        nr = config.cpus.boot
+        self.vcpus = []
+        for i in range(nr):
+            vcpu = self.vm.create_vcpu(i)
+            vcpu.attach_buses(self.pio_bus, self.mmio_bus)
+            setup_vcpu(vcpu, supported, nr, tuple(config.cpus.features))
+            self.vcpus.append(vcpu)
+        boot_vcpu = self.vcpus[0]
+        boot_vcpu.set_sregs(self.boot.sregs)
+        boot_vcpu.set_regs(self.boot.regs)
+
+    # --- interrupts and device callbacks ----------------------------------------------------
+    def _serial_irq(self) -> None:
+        # 8250 interrupts are edge-triggered ISA interrupts: pulse the IOAPIC/PIC pin.
+        self.vm.irq_line(layout.SERIAL_COM1_IRQ, 1)
+        self.vm.irq_line(layout.SERIAL_COM1_IRQ, 0)
+
+    def _on_boot(self, bt: BootTime) -> None:
+        self.stats.boot_time = bt
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def finish(self, result: VmExit) -> None:
+        """End the VM with ``result`` (the first call wins) and kick every vCPU out."""
+        with self._cond:
+            if self._result is None:
+                self._result = result
+            self._done.set()
+            self._cond.notify_all()
+        for v in self.vcpus:
+            v.request_exit()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop all vCPUs outside KVM_RUN until :meth:`resume`."""
+        with self._cond:
+            self._paused = True
+        for v in self.vcpus:
+            v.request_exit()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._parked < len(self._threads) and not self._done.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HyperpyError("pausing the VM timed out", "a vCPU did not leave KVM_RUN")
+                self._cond.wait(left)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _vcpu_main(self, vcpu) -> None:
+        import resource
+
+        t0 = resource.getrusage(resource.RUSAGE_THREAD).ru_utime
+        if self.run_loop == "python":
+            from .reference.vcpu_loop import ReferenceVcpuLoop
+
+            run = ReferenceVcpuLoop(vcpu, self.pio_bus, self.mmio_bus).run
+        else:
+            run = vcpu.run
+        try:
+            while not self._done.is_set():
+                with self._cond:
+                    if self._paused:
+                        self._parked += 1
+                        self._cond.notify_all()
+                        while self._paused and not self._done.is_set():
+                            self._cond.wait()
+                        self._parked -= 1
+                        continue
+                event, details = run()
+                if event == "kicked":
+                    continue
+                exit_ = self._exit_from_event(vcpu, event, details)
+                if exit_ is not None:
+                    self.finish(exit_)
+        except Exception as e:  # a VMM bug must end the VM cleanly, not hang it
+            log.exception("vCPU %d thread failed", vcpu.index)
+            self.finish(VmExit(ExitReason.VMM_ERROR, f"vCPU {vcpu.index}: {e}", vcpu.index))
+        finally:
+            self.stats.vcpu_user_cpu_s.append(resource.getrusage(resource.RUSAGE_THREAD).ru_utime - t0)
+
+    def _exit_from_event(self, vcpu, event: str, details) -> VmExit | None:
+        idx = vcpu.index
+        if event == "hlt":
+            return VmExit(ExitReason.HALTED, f"vCPU {idx} halted", idx)
+        if event == "shutdown":
+            return VmExit(ExitReason.TRIPLE_FAULT, self._cpu_context(vcpu), idx)
+        if event == "system_event":
+            kind = details["type"]
+            if kind == "reset":
+                return VmExit(ExitReason.RESET, "", idx)
+            if kind == "shutdown":
+                return VmExit(ExitReason.POWEROFF, "", idx)
+            return VmExit(ExitReason.CRASH, f"system event {kind}", idx)
+        if event == "fail_entry":
+            return VmExit(ExitReason.FAIL_ENTRY,
+                          f"hardware entry failure reason {details['hardware_entry_failure_reason']:#x}; "
+                          + self._cpu_context(vcpu), idx)
+        if event == "internal_error":
+            reason = (ExitReason.EMULATION_FAILURE if details["name"] == "emulation failure"
+                      else ExitReason.INTERNAL_ERROR)
+            insn = details.get("insn_bytes") or self._insn_bytes(vcpu)
+            data = " ".join(f"{d:#x}" for d in details["data"]) or "none"
+            msg = (f"{details['name']} on vCPU {idx}: {self._cpu_context(vcpu)}, instruction bytes "
+                   f"{insn.hex(' ') if insn else 'unavailable'}, exit data [{data}]")
+            return VmExit(reason, msg, idx)
+        return VmExit(ExitReason.VMM_ERROR,
+                      f"unhandled KVM exit {details.get('name')} ({details.get('exit_reason')}) on vCPU {idx}",
+                      idx)
+
+    def _cpu_context(self, vcpu) -> str:
+        try:
+            r = vcpu.get_regs()
+            s = vcpu.get_sregs()
+        except HyperpyError:
+            return "registers unavailable"
+        return (f"RIP {r['rip']:#x} CS {s['cs']['selector']:#x} RSP {r['rsp']:#x} "
+                f"CR0 {s['cr0']:#x} CR3 {s['cr3']:#x} CR4 {s['cr4']:#x} EFER {s['efer']:#x}")
+
+    def _insn_bytes(self, vcpu) -> bytes | None:
+        """The 15 bytes at CS:RIP, read through the guest's own page tables."""
+        try:
+            rip = vcpu.get_regs()["rip"] + vcpu.get_sregs()["cs"]["base"]
+            phys, valid = vcpu.translate(rip)
+            if not valid:
+                return None
+            for n in range(15, 0, -1):
+                if self.memory.contains(phys, n):
+                    return self.memory.read(phys, n)
+        except HyperpyError:
+            pass
+        return None
+
+    def run(self) -> VmExit:
+        """Start every vCPU and wait until the VM ends."""
+        stdin_restore = self._start_console_input()
+        for v in self.vcpus:
+            t = threading.Thread(target=self._vcpu_main, args=(v,), name=f"vcpu{v.index}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        try:
+            while not self._done.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            self.finish(VmExit(ExitReason.STOPPED, "interrupted"))
+        finally:
+            self.finish(VmExit(ExitReason.STOPPED))  # no-op when the VM already ended
+            for t in self._threads:
+                t.join(timeout=5)
+            if stdin_restore is not None:
+                stdin_restore()
+            for fd in self._owned_fds:
+                os.close(fd)
+            self._owned_fds.clear()
+        for v in self.vcpus:
+            self.stats.exits += v.exits
+            self.stats.fast_exits += v.fast_exits
+            self.stats.slow_exits += v.slow_exits
+        result = self._result
+        assert result is not None
+        log.info("VM ended: %s%s", result.reason.value, f" ({result.message})" if result.message else "")
+        return result
+
+    def _start_console_input(self):
+        """Feed stdin to the UART when the serial console is an interactive terminal."""
+        if self.config.serial.mode != "tty" or not os.isatty(0):
+            return None
+        fd = 0
+        saved = termios.tcgetattr(fd)
+        tty.setraw(fd)
+        attrs = termios.tcgetattr(fd)
+        attrs[3] |= termios.ISIG    # keep Ctrl-C as the way out of hyperpy
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+        def reader() -> None:
+            while not self._done.is_set():
+                try:
+                    data = os.read(fd, 256)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.serial.enqueue_input(data)
+
+        threading.Thread(target=reader, name="stdin", daemon=True).start()
+        return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def build_vm(config, **kwargs) -> VirtualMachine:
+    return VirtualMachine(config, **kwargs)
+
+
+def run_vm(config) -> int:
+    """Build and run a VM; return the process exit status (0 for a guest reset/power-off)."""
+    vm = build_vm(config)
+    result = vm.run()
+    if result.status != 0:
+        print(f"hyperpy: VM stopped: {result.reason.value}"
+              + (f": {result.message}" if result.message else ""), file=sys.stderr)
+    return result.status

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds the hyperpy wheel, installs it into a fresh virtual
+# environment and runs the test suite against the installed package (not the source tree).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${HYPERPY_TEST_VENV:-$ROOT/.venv-test}
+
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(gcc)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# QEMU is the differential peer for the test guests (its tests skip without it).
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install ${need_apt[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null) \
+        || echo "warning: apt-get install ${need_apt[*]} failed; the tests that need them will say so"
+fi
+
+echo "== building the wheel"
+rm -rf "$VENV" dist
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" wheel -q --no-deps -w dist .
+WHEEL=$(ls dist/hyperpy-*.whl)
+echo "== installing $WHEEL into $VENV"
+"$VENV/bin/pip" install -q "$WHEEL[test]"
+
+echo "== running the tests against the installed wheel"
+cd "$ROOT"
+set +e
+"$VENV/bin/pytest" -p no:cacheprovider tests "$@"
+rc=$?
+set -e
+[ $rc -eq 5 ] && { echo "no tests ran"; exit 1; }
+exit $rc

@@ -1,0 +1,72 @@
+"""Shared fixtures: KVM availability policy and the test guests.
+
+KVM tests skip only when /dev/kvm is missing; with HYPERPY_REQUIRE_KVM=1 (set by .ci/run
+whenever /dev/kvm exists) a KVM test that cannot run fails instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+GUEST_SRC = TESTS / "guests"
+
+
+def _load_guest_builder():
+    spec = importlib.util.spec_from_file_location("hyperpy_test_guest_build", GUEST_SRC / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kvm_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is missing"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible (run as root or join the kvm group)"
+    return None
+
+
+@pytest.fixture
+def kvm():
+    """Use in every test that needs /dev/kvm."""
+    problem = kvm_problem()
+    if problem:
+        if os.environ.get("HYPERPY_REQUIRE_KVM") == "1":
+            pytest.fail(f"HYPERPY_REQUIRE_KVM=1 but {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def guest_builder():
+    return _load_guest_builder()
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory, guest_builder):
+    """Build every test guest once per session: {name: Path}."""
+    out = tmp_path_factory.mktemp("guests")
+    return guest_builder.build_all(out)
+
+
+def run_hyperpy(*args: str, timeout: float = 120, input: bytes | None = None,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `hyperpy` CLI (as `python -m hyperpy`) and capture its output."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    # cwd outside the repository, so `-m hyperpy` imports the installed package.
+    return subprocess.run([sys.executable, "-m", "hyperpy", *args], capture_output=True,
+                          timeout=timeout, input=input, env=e, cwd=tempfile.gettempdir())
+
+
+@pytest.fixture
+def hyperpy_cli():
+    return run_hyperpy

@@ -1,0 +1,11 @@
+/* The built-in default guest: greets, echoes its command line, marks the boot time, resets. */
+#include "guest.h"
+
+void guest_main(const struct boot_info *bi)
+{
+    puts("Hello from hyperpy guest");
+    print("cmdline: ");
+    puts(bi->cmdline);
+    boot_timer();
+    reset();
+}
