@@ -23,6 +23,7 @@ from .devices.legacy.boot_timer import BootTime, BootTimer
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.serial import Serial
 from .errors import ConfigError, HyperpyError
+from .irq import default_gsi_routes
 from .memory import create_guest_memory
 from .vcpu_setup import setup_vcpu
 
@@ -117,6 +118,7 @@ class VirtualMachine:
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
         self.vm.create_irqchip()
         self.vm.create_pit2()
+        self.vm.set_gsi_routing(default_gsi_routes())
 
         self.memory = create_guest_memory(config.memory)
         for slot, (gpa, size, host) in enumerate(self.memory.regions):
@@ -203,8 +205,10 @@ class VirtualMachine:
         if self.run_loop == "python":
             from .reference.vcpu_loop import ReferenceVcpuLoop
 
-            run = ReferenceVcpuLoop(vcpu, self.pio_bus, self.mmio_bus).run
+            ref = ReferenceVcpuLoop(vcpu, self.pio_bus, self.mmio_bus)
+            run = ref.run
         else:
+            ref = None
             run = vcpu.run
         try:
             while not self._done.is_set():
@@ -226,7 +230,12 @@ class VirtualMachine:
             log.exception("vCPU %d thread failed", vcpu.index)
             self.finish(VmExit(ExitReason.VMM_ERROR, f"vCPU {vcpu.index}: {e}", vcpu.index))
         finally:
-            self.stats.vcpu_user_cpu_s.append(resource.getrusage(resource.RUSAGE_THREAD).ru_utime - t0)
+            user = resource.getrusage(resource.RUSAGE_THREAD).ru_utime - t0
+            with self._cond:
+                self.stats.vcpu_user_cpu_s.append(user)
+                self.stats.exits += ref.exits if ref is not None else vcpu.exits
+                self.stats.fast_exits += vcpu.fast_exits
+                self.stats.slow_exits += vcpu.slow_exits
 
     def _exit_from_event(self, vcpu, event: str, details) -> VmExit | None:
         idx = vcpu.index
@@ -301,10 +310,6 @@ class VirtualMachine:
             for fd in self._owned_fds:
                 os.close(fd)
             self._owned_fds.clear()
-        for v in self.vcpus:
-            self.stats.exits += v.exits
-            self.stats.fast_exits += v.fast_exits
-            self.stats.slow_exits += v.slow_exits
         result = self._result
         assert result is not None
         log.info("VM ended: %s%s", result.reason.value, f" ({result.message})" if result.message else "")

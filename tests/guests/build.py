@@ -59,6 +59,8 @@ _SPECS: dict[str, tuple[str, str, list[str]]] = {
     "triplefault": ("triplefault.c", "pvh", []),
     "exits": ("exits.c", "pvh", []),
     "mmio_exits": ("mmio_exits.c", "pvh", []),
+    "emulfail": ("emulfail.c", "pvh", []),
+    "cpuid": ("cpuid.c", "pvh", []),
 }
 GUESTS: list[str] = list(_SPECS)
 BZIMAGE_DEPS = ["bzsetup.S", "mkbzimage.py"]
@@ -138,7 +140,7 @@ def build_guest(name: str, out_dir: Path) -> Path:
     deps = sources + [SRC_DIR / d for d in COMMON_DEPS]
     if name == "bzimage":
         deps += [SRC_DIR / d for d in BZIMAGE_DEPS]
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     output = out_dir / output_name(name)
     if _up_to_date(output, deps):
         return output
