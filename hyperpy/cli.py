@@ -139,7 +139,8 @@ SERIAL_HELP = (
     "Where COM1 goes: tty (this terminal), file=PATH, null (device present, output dropped) or "
     "off (no device).  Example: --serial file=/tmp/serial.log"
 )
-CONSOLE_HELP = "Where the virtio console goes: off, tty, null or file=PATH.  Example: --console off"
+CONSOLE_HELP = ("Where the virtio console goes: off (the only value until the virtio device "
+                "model lands; tty, null and file=PATH are reserved).  Example: --console off")
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
 LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
 

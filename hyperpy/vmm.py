@@ -130,7 +130,8 @@ class VirtualMachine:
         if owned:
             self._owned_fds.append(out_fd)
         self.serial = Serial(out_fd, irq_trigger=self._serial_irq)
-        self.pio_bus.register(layout.SERIAL_COM1_PORT, 8, self.serial)
+        if config.serial.mode != "off":   # off: no UART at all (null: a UART that drops output)
+            self.pio_bus.register(layout.SERIAL_COM1_PORT, 8, self.serial)
         self.i8042 = I8042(on_reset=lambda: self.finish(VmExit(ExitReason.RESET)))
         self.pio_bus.register(layout.I8042_DATA_PORT, 5, self.i8042)
         self.boot_timer = BootTimer(self.start_wall, self.start_cpu, on_boot=self._on_boot)
