@@ -26,8 +26,12 @@ WHEEL=$(ls dist/hyperpy-*.whl)
 echo "== installing $WHEEL into $VENV"
 "$VENV/bin/pip" install -q "$WHEEL[test]"
 
-echo "== running the tests against the installed wheel"
 cd "$ROOT"
+echo "== benchmarks (figures only; never gated on a time)"
+HYPERPY_BENCH_EXITS=${HYPERPY_BENCH_EXITS:-100000} HYPERPY_BENCH_STARTUP_ROUNDS=${HYPERPY_BENCH_STARTUP_ROUNDS:-3} \
+    "$VENV/bin/pytest" -p no:cacheprovider bench -q -s --benchmark-columns=min,median,max
+
+echo "== running the tests against the installed wheel"
 set +e
 "$VENV/bin/pytest" -p no:cacheprovider tests "$@"
 rc=$?
