@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class ExitReason(enum.Enum):
     RESET = "guest reset"
     POWEROFF = "guest power-off"
-    STOPPED = "stopped by the user"
+    STOPPED = "stopped by the VMM"
+    INTERRUPTED = "interrupted (SIGINT)"
     HALTED = "all vCPUs halted"
     TRIPLE_FAULT = "triple fault (KVM shutdown exit)"
     CRASH = "guest crash (system event)"
@@ -46,6 +47,7 @@ class ExitReason(enum.Enum):
 # Process exit status of `hyperpy run` for each way a VM can end.  2 is kept for usage errors.
 EXIT_STATUS = {
     ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.HALTED: 0,
+    ExitReason.INTERRUPTED: 130,
     ExitReason.TRIPLE_FAULT: 1, ExitReason.CRASH: 1,
     ExitReason.EMULATION_FAILURE: 3, ExitReason.INTERNAL_ERROR: 3, ExitReason.FAIL_ENTRY: 3,
     ExitReason.VMM_ERROR: 3,
@@ -301,7 +303,7 @@ class VirtualMachine:
             while not self._done.wait(0.2):
                 pass
         except KeyboardInterrupt:
-            self.finish(VmExit(ExitReason.STOPPED, "interrupted"))
+            self.finish(VmExit(ExitReason.INTERRUPTED))
         finally:
             self.finish(VmExit(ExitReason.STOPPED))  # no-op when the VM already ended
             for t in self._threads:

@@ -27,6 +27,11 @@ echo "== installing $WHEEL into $VENV"
 "$VENV/bin/pip" install -q "$WHEEL[test]"
 
 cd "$ROOT"
+echo "== fetching Debian's cloud kernel (an independent PVH ELF for the boot tests)"
+export HYPERPY_DEBIAN_KERNEL_DIR=${HYPERPY_DEBIAN_KERNEL_DIR:-$ROOT/.kernels}
+bash scripts/fetch-debian-kernel.sh "$HYPERPY_DEBIAN_KERNEL_DIR" \
+    || echo "warning: could not fetch the Debian kernel; tests/test_external_kernel.py will say so"
+
 echo "== benchmarks (figures only; never gated on a time)"
 HYPERPY_BENCH_EXITS=${HYPERPY_BENCH_EXITS:-100000} HYPERPY_BENCH_STARTUP_ROUNDS=${HYPERPY_BENCH_STARTUP_ROUNDS:-3} \
     "$VENV/bin/pytest" -p no:cacheprovider bench -q -s --benchmark-columns=min,median,max
