@@ -204,7 +204,7 @@ def _notes(data: bytes, phdrs) -> list[tuple[bytes, int, bytes]]:
 @needs_gcc
 def test_pvh_images_carry_the_phys32_entry_note(guests):
     for name, path in guests.items():
-        if name in ("hello64", "bzimage"):
+        if build.entry_protocol(name) != "pvh":
             continue
         data, entry, phdrs = _elf(path)
         xen = [(t, d) for n, t, d in _notes(data, phdrs) if n == b"Xen\0"]

@@ -351,3 +351,29 @@ def test_file_backed_memory_holds_guest_writes(kvm, guests, tmp_path):
     elf_text = guests["hello"].read_bytes()
     # the first PT_LOAD of the hello guest lands at 1 MiB
     assert b"Hello from hyperpy guest" in data[1 << 20:(1 << 20) + len(elf_text) + 4096]
+
+
+# --- initramfs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("guest", ["initrd", "initrd64"])
+def test_initramfs_reaches_the_guest(kvm, hyperpy_cli, guests, guest, tmp_path):
+    img = tmp_path / "initrd.img"
+    img.write_bytes(b"INITRAMFS-MARKER-0123456789" + os.urandom(100_000))
+    p = hyperpy_cli("run", "--kernel", str(guests[guest]), "--initramfs", str(img), "--memory", "size=64M")
+    assert p.returncode == 0, _err(p)
+    m = re.search(r"INITRD (\d+) (0x[0-9a-f]+) \[(.*)\]", _out(p))
+    assert m, _out(p)
+    assert int(m.group(1)) == img.stat().st_size
+    addr = int(m.group(2), 16)
+    assert addr % 4096 == 0 and addr + int(m.group(1)) <= 64 << 20
+    assert m.group(3) == "INITRAMFS-MARKER-0123456789"
+
+
+def test_initramfs_larger_than_ram_is_refused(kvm, hyperpy_cli, guests, tmp_path):
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(80 << 20)
+    p = hyperpy_cli("run", "--kernel", str(guests["initrd"]), "--initramfs", str(img), "--memory", "size=64M")
+    assert p.returncode == 2
+    err = _err(p).strip()
+    assert len(err.splitlines()) == 1 and "big.img" in err, err

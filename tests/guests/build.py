@@ -61,6 +61,8 @@ _SPECS: dict[str, tuple[str, str, list[str]]] = {
     "mmio_exits": ("mmio_exits.c", "pvh", []),
     "emulfail": ("emulfail.c", "pvh", []),
     "cpuid": ("cpuid.c", "pvh", []),
+    "initrd": ("initrd.c", "pvh", []),
+    "initrd64": ("initrd.c", "linux64", []),
 }
 GUESTS: list[str] = list(_SPECS)
 BZIMAGE_DEPS = ["bzsetup.S", "mkbzimage.py"]
@@ -72,6 +74,11 @@ class GuestBuildError(RuntimeError):
 
 class UnknownGuestError(GuestBuildError, ValueError):
     """No guest of that name."""
+
+
+def entry_protocol(name: str) -> str:
+    """"pvh" or "linux64": the boot protocol guest ``name`` is linked for."""
+    return _SPECS[name][1]
 
 
 def output_name(name: str) -> str:
