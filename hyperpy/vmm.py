@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import signal
 import sys
 import termios
 import threading
@@ -35,6 +36,7 @@ class ExitReason(enum.Enum):
     POWEROFF = "guest power-off"
     STOPPED = "stopped by the VMM"
     INTERRUPTED = "interrupted (SIGINT)"
+    TERMINATED = "terminated (SIGTERM)"
     HALTED = "all vCPUs halted"
     TRIPLE_FAULT = "triple fault (KVM shutdown exit)"
     CRASH = "guest crash (system event)"
@@ -47,7 +49,7 @@ class ExitReason(enum.Enum):
 # Process exit status of `hyperpy run` for each way a VM can end.  2 is kept for usage errors.
 EXIT_STATUS = {
     ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.HALTED: 0,
-    ExitReason.INTERRUPTED: 130,
+    ExitReason.INTERRUPTED: 130, ExitReason.TERMINATED: 143,
     ExitReason.TRIPLE_FAULT: 1, ExitReason.CRASH: 1,
     ExitReason.EMULATION_FAILURE: 3, ExitReason.INTERNAL_ERROR: 3, ExitReason.FAIL_ENTRY: 3,
     ExitReason.VMM_ERROR: 3,
@@ -264,6 +266,9 @@ class VirtualMachine:
             data = " ".join(f"{d:#x}" for d in details["data"]) or "none"
             msg = (f"{details['name']} on vCPU {idx}: {self._cpu_context(vcpu)}, instruction bytes "
                    f"{insn.hex(' ') if insn else 'unavailable'}, exit data [{data}]")
+            if reason is ExitReason.EMULATION_FAILURE:
+                msg += ("; the host's KVM cannot emulate this instruction: if the guest chose it "
+                        "from CPUID, hide that feature with --cpus features=[-NAME]")
             return VmExit(reason, msg, idx)
         return VmExit(ExitReason.VMM_ERROR,
                       f"unhandled KVM exit {details.get('name')} ({details.get('exit_reason')}) on vCPU {idx}",
@@ -295,6 +300,7 @@ class VirtualMachine:
     def run(self) -> VmExit:
         """Start every vCPU and wait until the VM ends."""
         stdin_restore = self._start_console_input()
+        old_term = self._install_sigterm()
         for v in self.vcpus:
             t = threading.Thread(target=self._vcpu_main, args=(v,), name=f"vcpu{v.index}", daemon=True)
             self._threads.append(t)
@@ -310,6 +316,8 @@ class VirtualMachine:
                 t.join(timeout=5)
             if stdin_restore is not None:
                 stdin_restore()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
             for fd in self._owned_fds:
                 os.close(fd)
             self._owned_fds.clear()
@@ -317,6 +325,13 @@ class VirtualMachine:
         assert result is not None
         log.info("VM ended: %s%s", result.reason.value, f" ({result.message})" if result.message else "")
         return result
+
+    def _install_sigterm(self):
+        """SIGTERM ends the VM like SIGINT (terminal restored, status 143), when we own main."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGTERM,
+                             lambda *_: self.finish(VmExit(ExitReason.TERMINATED)))
 
     def _start_console_input(self):
         """Feed stdin to the UART when the serial console is an interactive terminal."""

@@ -377,3 +377,20 @@ def test_initramfs_larger_than_ram_is_refused(kvm, hyperpy_cli, guests, tmp_path
     assert p.returncode == 2
     err = _err(p).strip()
     assert len(err.splitlines()) == 1 and "big.img" in err, err
+
+
+def test_sigterm_stops_the_vm_cleanly(kvm, guests):
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--kernel", str(guests["exits"]),
+                             "--cmdline", "count=100000000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=30)
+    err = proc.stderr.read().decode()
+    assert rc == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
