@@ -49,3 +49,37 @@ def ram_ranges(size: int) -> list[tuple[int, int]]:
     if size <= MEM_32BIT_GAP_START:
         return [(0, size)]
     return [(0, MEM_32BIT_GAP_START), (RAM_64BIT_START, size - MEM_32BIT_GAP_START)]
+
+# --- Device model (PCI, ACPI) -----------------------------------------------------------------
+# Inside the 32-bit gap: [0xC000_0000, 0xE000_0000) 32-bit PCI BAR window, then ECAM (MMCONFIG)
+# for buses 0-255 (1 MiB per bus), then the IOAPIC and LAPIC at their architectural addresses.
+PCI_MMIO32_START = 0xC000_0000
+PCI_MMIO32_SIZE = 0x2000_0000
+PCI_ECAM_START = 0xE000_0000
+PCI_ECAM_SIZE = 0x1000_0000
+PCI_CONFIG_ADDRESS_PORT = 0xCF8   # legacy config mechanism #1: 0xCF8 address, 0xCFC-0xCFF data
+PCI_CONFIG_DATA_PORT = 0xCFC
+IOAPIC_START = 0xFEC0_0000
+LAPIC_START = 0xFEE0_0000
+# 64-bit BAR window: starts at the first 1 GiB boundary above RAM, 64 GiB long.
+PCI_MMIO64_SIZE = 64 * GiB
+
+# ACPI: tables live in the legacy BIOS area; the RSDP at a 16-byte aligned address that the
+# 0xE0000-0xFFFFF scan also finds.
+ACPI_RSDP_START = 0xE0000
+ACPI_TABLES_START = 0xE0100
+ACPI_TABLES_END = 0x100000
+# Hardware-reduced ACPI power management registers (I/O ports), described in the FADT.
+ACPI_SLEEP_CONTROL_PORT = 0x600   # write SLP_TYPx << 2 | SLP_EN (bit 5): S5 = power off
+ACPI_SLEEP_STATUS_PORT = 0x601
+ACPI_RESET_PORT = 0x602           # write ACPI_RESET_VALUE: reset
+ACPI_RESET_VALUE = 0x1
+ACPI_S5_SLP_TYP = 5
+# GSIs for PCI INTx and MSI routes start above the IOAPIC's 24 pins.
+MSI_GSI_START = 24
+
+
+def pci_mmio64_start(ram_size: int) -> int:
+    """First 1 GiB boundary above the end of guest RAM (and at least 4 GiB)."""
+    end = RAM_64BIT_START + max(0, ram_size - MEM_32BIT_GAP_START)
+    return (end + GiB - 1) & ~(GiB - 1)
