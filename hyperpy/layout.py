@@ -12,7 +12,7 @@ GiB = 1 << 30
 
 # Boot-time structures in low memory (all below the EBDA).
 BOOT_GDT_START = 0x500          # GDT used for the initial vCPU state
-BOOT_IDT_START = 0x520          # empty IDT
+BOOT_IDT_START = 0x530          # empty IDT (after the 5-entry GDT)
 PVH_INFO_START = 0x6000         # struct hvm_start_info
 PVH_MODLIST_START = 0x6040      # hvm_modlist_entry[] (initramfs)
 PVH_MEMMAP_START = 0x6100       # hvm_memmap_table_entry[]

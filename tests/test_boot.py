@@ -39,8 +39,8 @@ def _build_bootparams(tmp: Path):
     so_file = tmp / ("bootparams" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run([sys.executable, "-m", "cython", "-3", "-o", str(c_file), str(BOOTPARAMS_PYX)],
                    check=True, capture_output=True)
-    subprocess.run([sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC") else "gcc",
-                    "-shared", "-fPIC", "-O1", "-I" + sysconfig.get_paths()["include"],
+    cc = (sysconfig.get_config_var("CC") or "gcc").split()[0]
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-I" + sysconfig.get_paths()["include"],
                     str(c_file), "-o", str(so_file)], check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location("hyperpy._fast.bootparams", so_file)
     mod = importlib.util.module_from_spec(spec)
@@ -124,7 +124,7 @@ def note(name: bytes, ntype: int, desc: bytes, align: int = 4) -> bytes:
 
 def make_elf(bits: int = 64, entry: int = 0x100000, segments=None, notes: bytes | None = None,
              machine: int | None = None, note_align: int = 4, e_type: int = 2) -> bytes:
-    """ELF file with PT_LOAD ``segments`` = [(vaddr, paddr, data, memsz)] and an optional PT_NOTE."""
+    """ELF with PT_LOAD ``segments`` = [(vaddr, paddr, data, memsz)] and an optional PT_NOTE."""
     if segments is None:
         segments = [(0x100000, 0x100000, b"\x90" * 0x100, 0x1000)]
     if machine is None:
@@ -328,7 +328,8 @@ def test_pvh_elf(tmp_path, bits, width):
     assert si["reserved"] == 0
     assert read_cstring(mem, layout.CMDLINE_START) == b"console=ttyS0 root=/dev/vda"
     assert read_memmap(mem, si) == [(0, layout.EBDA_START, 1, 0),
-                                    (layout.HIGH_RAM_START, 63 * MiB, 1, 0)]
+                                    (layout.HIGH_RAM_START, 63 * MiB, 1, 0),
+                                    (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, 2, 0)]
 
 
 def test_pvh_initramfs_module(tmp_path):
@@ -362,8 +363,25 @@ def test_pvh_memmap_above_4g():
     assert read_memmap(mem, si) == [
         (0, layout.EBDA_START, 1, 0),
         (layout.HIGH_RAM_START, 3 * GiB - layout.HIGH_RAM_START, 1, 0),
+        (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, 2, 0),
         (4 * GiB, 2 * GiB, 1, 0),
     ]
+
+
+def test_bss_zeroed_with_fill(tmp_path):
+    # GuestMemory has fill(gpa, length, value); the loader uses it for bss when present.
+    class FillMemory(FakeMemory):
+        def fill(self, gpa, length, value=0):
+            self.filled.append((gpa, length))
+            self.write(gpa, bytes([value]) * length)
+
+    mem = FillMemory(64 * MiB, junk=True)
+    mem.filled = []
+    kernel = write(tmp_path, "k", make_elf(64, notes=pvh_note(0x100000),
+                                           segments=[(0x100000, 0x100000, b"T" * 16, 0x5000)]))
+    load_kernel(mem, kernel, "")
+    assert mem.filled == [(0x100010, 0x5000 - 16)]
+    assert mem.read(0x100000, 0x5000) == b"T" * 16 + bytes(0x5000 - 16)
 
 
 def test_pvh_note_in_8_aligned_segment(tmp_path):
@@ -438,13 +456,17 @@ def test_vmlinux(tmp_path, bp, virtual_entry):
     entry = kva + 0x40 if virtual_entry else 0x100_0040
     kernel = write(tmp_path, "vmlinux", make_elf(64, entry=entry, segments=[
         (kva, 0x100_0000, text, 0x10000),
-        (kva + 0x20_0000, 0x120_0000, b"RODATA", 0x1000)]))
+        (kva + 0x20_0000, 0x120_0000, b"RODATA", 0x1000),
+        # Like Linux's per-CPU segment (p_vaddr 0), a segment whose virtual range holds the
+        # physical entry: a physical e_entry must not be translated through it.
+        (0x100_0000, 0x130_0000, b"PERCPU", 0x1000)]))
     initrd = write(tmp_path, "initrd.img", b"\x1f\x8b" + bytes(5000))
     mem = FakeMemory(128 * MiB, junk=True)
     info = load_kernel(mem, kernel, "console=ttyS0 panic=-1", initrd)
     assert info.protocol == "linux64"
     assert info.entry == 0x100_0040
-    assert info.kernel_end == 0x120_1000
+    assert info.kernel_end == 0x130_1000
+    assert mem.read(0x130_0000, 6) == b"PERCPU"
     assert mem.read(0x100_0000, len(text)) == text
     assert mem.read(0x100_0000 + len(text), 0x10000 - len(text)) == bytes(0x10000 - len(text))
     check_long_mode(mem, info, 0x100_0040)
@@ -467,7 +489,8 @@ def test_vmlinux(tmp_path, bp, virtual_entry):
     assert zp(mem, bp, "sentinel") == 0
     assert zp(mem, bp, "acpi_rsdp_addr") == 0
     assert read_e820(mem, bp) == [(0, layout.EBDA_START, bp.E820_RAM),
-                                  (layout.HIGH_RAM_START, 127 * MiB, bp.E820_RAM)]
+                                  (layout.HIGH_RAM_START, 127 * MiB, bp.E820_RAM),
+                                  (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, bp.E820_RESERVED)]
 
 
 def test_vmlinux_e820_above_4g(tmp_path, bp):
@@ -477,6 +500,7 @@ def test_vmlinux_e820_above_4g(tmp_path, bp):
     assert read_e820(mem, bp) == [
         (0, layout.EBDA_START, 1),
         (layout.HIGH_RAM_START, 3 * GiB - layout.HIGH_RAM_START, 1),
+        (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, 2),
         (4 * GiB, 4 * GiB, 1),
     ]
     assert zp(mem, bp, "acpi_rsdp_addr") == 0xF0000
@@ -525,7 +549,8 @@ def test_bzimage(tmp_path, bp):
     assert (zp(mem, bp, "hdr.ramdisk_image"), zp(mem, bp, "hdr.ramdisk_size")) == (gpa, size)
     assert gpa % 4096 == 0 and 256 * MiB - 4096 < gpa + size <= 256 * MiB
     assert mem.read(gpa, size) == initrd.read_bytes()
-    assert read_e820(mem, bp) == [(0, layout.EBDA_START, 1), (layout.HIGH_RAM_START, 255 * MiB, 1)]
+    assert read_e820(mem, bp) == [(0, layout.EBDA_START, 1), (layout.HIGH_RAM_START, 255 * MiB, 1),
+                                  (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, 2)]
     # Nothing past the setup header came from the file.
     zero_page = mem.read(layout.ZERO_PAGE_START, 4096)
     assert b"REALMODE" not in zero_page
@@ -578,7 +603,8 @@ def test_error_not_elf_or_bzimage(tmp_path):
     for data in (b"", b"hello world\n" * 100, b"\x7fEL", bytes(0x300)):
         kernel = write(tmp_path, "junk", data)
         msg = expect_error(FakeMemory(64 * MiB), kernel)
-        assert msg == f"kernel {kernel} is not an ELF or bzImage file: give a PVH ELF, vmlinux or bzImage"
+        assert msg == (f"kernel {kernel} is not an ELF or bzImage file: "
+                       "give a PVH ELF, vmlinux or bzImage")
 
 
 def test_error_missing_file(tmp_path):
@@ -738,7 +764,9 @@ def test_fuzz_never_crashes(tmp_path, bp, kind):
         try:
             info = load_kernel(FakeMemory(32 * MiB), kernel, "console=ttyS0")
         except BootError as e:
-            assert "\n" not in str(e) and str(kernel) in str(e) or "guest RAM" in str(e), str(e)
+            msg = str(e)
+            assert "\n" not in msg
+            assert str(kernel) in msg or "guest RAM" in msg, msg
         else:
             assert info.protocol in ("pvh", "linux64", "bzimage")
             ok += 1

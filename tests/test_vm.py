@@ -358,7 +358,8 @@ def test_file_backed_memory_holds_guest_writes(kvm, guests, tmp_path):
 @pytest.mark.parametrize("guest", ["initrd", "initrd64"])
 def test_initramfs_reaches_the_guest(kvm, hyperpy_cli, guests, guest, tmp_path):
     img = tmp_path / "initrd.img"
-    img.write_bytes(b"INITRAMFS-MARKER-0123456789" + os.urandom(100_000))
+    # The guest prints the image's leading printable bytes: end the marker with a NUL.
+    img.write_bytes(b"INITRAMFS-MARKER-0123456789\0" + os.urandom(100_000))
     p = hyperpy_cli("run", "--kernel", str(guests[guest]), "--initramfs", str(img), "--memory", "size=64M")
     assert p.returncode == 0, _err(p)
     m = re.search(r"INITRD (\d+) (0x[0-9a-f]+) \[(.*)\]", _out(p))

@@ -30,10 +30,17 @@ cdef class FastDevice:
     cdef fast_write_fn fast_write
     cdef void *ctx
 
+cdef struct BusTable:
+    int n
+    BusRange *ranges           # n entries sorted by base, stored right after this header
+
 cdef class IoBus:
-    cdef BusRange *_ranges
-    cdef int _n
-    cdef int _cap
+    # Copy-on-write: register/unregister publish a new table with one pointer store, so vCPU
+    # threads searching it without the GIL never see a half-updated array.  Old tables are
+    # freed when the bus dies (changes are rare: device set-up and PCI BAR moves).
+    cdef BusTable *_table
+    cdef list _retired         # addresses of old tables
     cdef readonly str name
     cdef list _handlers        # Python handler (or FastDevice) per slot; keeps them alive
+    cdef _publish(self, BusTable *t)
     cdef BusRange *lookup(self, uint64_t addr, uint32_t size) noexcept nogil

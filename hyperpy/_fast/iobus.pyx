@@ -1,8 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Port-I/O and MMIO buses: range registration and O(log n) lookup without the GIL."""
 
-from libc.stdlib cimport realloc, free
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+
+cdef extern from *:
+    """
+    static inline void *hyperpy_load_acquire(void **p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void hyperpy_store_release(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    void *load_acquire "hyperpy_load_acquire" (void **p) noexcept nogil
+    void store_release "hyperpy_store_release" (void **p, void *v) noexcept nogil
 
 from hyperpy.errors import DeviceError
 
@@ -42,42 +50,51 @@ cdef class FastDevice:
         self.fast_write(self.ctx, offset, buf, size)
 
 
+cdef BusTable *_new_table(int n) noexcept:
+    cdef BusTable *t = <BusTable *>malloc(sizeof(BusTable) + max(n, 1) * sizeof(BusRange))
+    if t != NULL:
+        t.n = n
+        t.ranges = <BusRange *>(<char *>t + sizeof(BusTable))
+    return t
+
+
 cdef class IoBus:
     """A set of non-overlapping address ranges, each routed to one device."""
 
     def __cinit__(self, str name="bus"):
-        self._ranges = NULL
-        self._n = 0
-        self._cap = 0
+        self._table = _new_table(0)
+        if self._table == NULL:
+            raise MemoryError()
+        self._retired = []
         self.name = name
         self._handlers = []
 
     def __dealloc__(self):
-        free(self._ranges)
+        free(self._table)
+        cdef uintptr_t a
+        for addr in self._retired:
+            a = addr
+            free(<void *>a)
+
+    cdef _publish(self, BusTable *t):
+        cdef BusTable *old = self._table
+        store_release(<void **>&self._table, t)
+        self._retired.append(<uintptr_t>old)
 
     def register(self, uint64_t base, uint64_t size, handler):
         """Route ``[base, base+size)`` to ``handler`` (a FastDevice or an object with read/write)."""
-        cdef int i, pos
-        cdef BusRange *r
+        cdef int i, pos, n = self._table.n
+        cdef BusRange *old = self._table.ranges
+        cdef BusTable *t
+        cdef BusRange r
         if size == 0:
             raise DeviceError(f"{self.name}: empty range at {base:#x}")
-        for i in range(self._n):
-            if base < self._ranges[i].base + self._ranges[i].size and self._ranges[i].base < base + size:
+        for i in range(n):
+            if base < old[i].base + old[i].size and old[i].base < base + size:
                 raise DeviceError(
                     f"{self.name}: range {base:#x}+{size:#x} for {type(handler).__name__} overlaps "
-                    f"{type(self._handlers[self._ranges[i].slot]).__name__} at {self._ranges[i].base:#x}",
+                    f"{type(self._handlers[old[i].slot]).__name__} at {old[i].base:#x}",
                     "give the device another address")
-        if self._n == self._cap:
-            self._cap = self._cap * 2 if self._cap else 16
-            r = <BusRange *>realloc(self._ranges, self._cap * sizeof(BusRange))
-            if r == NULL:
-                raise MemoryError()
-            self._ranges = r
-        pos = self._n
-        while pos > 0 and self._ranges[pos - 1].base > base:
-            self._ranges[pos] = self._ranges[pos - 1]
-            pos -= 1
-        r = &self._ranges[pos]
         r.base = base
         r.size = size
         r.slot = len(self._handlers)
@@ -91,16 +108,48 @@ cdef class IoBus:
             r.fast_read = NULL
             r.fast_write = NULL
             r.ctx = NULL
+        t = _new_table(n + 1)
+        if t == NULL:
+            raise MemoryError()
+        pos = 0
+        while pos < n and old[pos].base < base:
+            t.ranges[pos] = old[pos]
+            pos += 1
+        t.ranges[pos] = r
+        for i in range(pos, n):
+            t.ranges[i + 1] = old[i]
         self._handlers.append(handler)
-        self._n += 1
+        self._publish(t)
+
+    def unregister(self, uint64_t base):
+        """Remove the range that starts at ``base`` (e.g. a PCI BAR the guest moved)."""
+        cdef int i, j = 0, n = self._table.n
+        cdef BusRange *old = self._table.ranges
+        cdef BusTable *t
+        for i in range(n):
+            if old[i].base == base:
+                break
+        else:
+            raise DeviceError(f"{self.name}: no range at {base:#x}")
+        t = _new_table(n - 1)
+        if t == NULL:
+            raise MemoryError()
+        for i in range(n):
+            if old[i].base != base:
+                t.ranges[j] = old[i]
+                j += 1
+            else:
+                self._handlers[old[i].slot] = None
+        self._publish(t)
 
     cdef BusRange *lookup(self, uint64_t addr, uint32_t size) noexcept nogil:
         """The range holding ``[addr, addr+size)``, or NULL (binary search)."""
-        cdef int lo = 0, hi = self._n - 1, mid
+        cdef BusTable *t = <BusTable *>load_acquire(<void **>&self._table)
+        cdef int lo = 0, hi = t.n - 1, mid
         cdef BusRange *r
         while lo <= hi:
             mid = (lo + hi) >> 1
-            r = &self._ranges[mid]
+            r = &t.ranges[mid]
             if addr < r.base:
                 hi = mid - 1
             elif addr - r.base >= r.size:
@@ -116,9 +165,6 @@ cdef class IoBus:
             return None
         return r.base, self._handlers[r.slot]
 
-    def handler_of(self, int slot):
-        return self._handlers[slot]
-
     def ranges(self):
-        return [(self._ranges[i].base, self._ranges[i].size, self._handlers[self._ranges[i].slot])
-                for i in range(self._n)]
+        return [(self._table.ranges[i].base, self._table.ranges[i].size,
+                 self._handlers[self._table.ranges[i].slot]) for i in range(self._table.n)]

@@ -331,8 +331,29 @@ cdef class Vm:
         memset(&f, 0, sizeof(f))
         f.fd = fd
         f.gsi = gsi
-        f.flags = 1 if deassign else 0  # KVM_IRQFD_FLAG_DEASSIGN is bit 0
+        f.flags = KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         _ioctl_check(self.fd, KVM_IRQFD, &f, f"KVM_IRQFD (gsi {gsi})")
+
+    def ioeventfd(self, int fd, uint64_t addr, uint32_t length=0, datamatch=None,
+                  bint pio=False, bint deassign=False):
+        """Let guest writes to ``addr`` signal eventfd ``fd`` inside the kernel (no exit to us).
+
+        ``length`` 0 matches a write of any size; ``datamatch`` restricts it to one value.
+        """
+        cdef kvm_ioeventfd e
+        memset(&e, 0, sizeof(e))
+        e.fd = fd
+        e.addr = addr
+        e.len = length
+        e.flags = 0
+        if datamatch is not None:
+            e.datamatch = datamatch
+            e.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            e.flags |= KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            e.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN
+        _ioctl_check(self.fd, KVM_IOEVENTFD, &e, f"KVM_IOEVENTFD ({addr:#x})")
 
     def create_vcpu(self, int index):
         cdef int fd = ioctl(self.fd, KVM_CREATE_VCPU, <unsigned long>index)

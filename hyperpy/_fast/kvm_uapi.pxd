@@ -187,6 +187,17 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint32_t flags
         uint32_t resamplefd
 
+    int KVM_IRQFD_FLAG_DEASSIGN
+    int KVM_IOEVENTFD_FLAG_DATAMATCH
+    int KVM_IOEVENTFD_FLAG_PIO
+    int KVM_IOEVENTFD_FLAG_DEASSIGN
+    struct kvm_ioeventfd:
+        uint64_t datamatch
+        uint64_t addr
+        uint32_t len
+        int32_t fd
+        uint32_t flags
+
     struct kvm_enable_cap:
         uint32_t cap
         uint32_t flags

@@ -2,7 +2,7 @@
 command-line encoding, file reading and initramfs placement.
 
 ``mem`` is a :class:`hyperpy._fast.guestmem.GuestMemory` (or anything with the same
-``read``/``write``/``size``/``regions`` API).  Loaders check every range with :func:`check_in_ram`
+``read``/``write``/``size``/``regions`` API).  Loaders check every range against ``mem.regions``
 *before* they write, so a bad kernel never causes a write outside RAM and errors are
 :class:`~hyperpy.errors.BootError`, not ``GuestMemoryError``.
 """
@@ -73,13 +73,6 @@ def describe_ram(mem) -> str:
     return " ".join(f"[{g:#x}, {g + s:#x})" for g, s in ram_ranges(mem)) or "none"
 
 
-def check_in_ram(mem, gpa: int, size: int, what: str) -> None:
-    if not in_ram(mem, gpa, size):
-        raise BootError(
-            f"{what} [{gpa:#x}, {gpa + size:#x}) lies outside guest RAM ({describe_ram(mem)})",
-            "give the VM more memory or a kernel linked at a lower address")
-
-
 def check_boot_ram(mem) -> None:
     """The low boot area [0, 1 MiB) and some RAM above it must exist."""
     if low_ram_end(mem) <= layout.HIGH_RAM_START:
@@ -88,21 +81,28 @@ def check_boot_ram(mem) -> None:
             "give the VM at least 16M of memory")
 
 
-def ram_map(mem) -> list[tuple[int, int]]:
-    """RAM ranges for the guest's e820 / PVH memory map, following cloud-hypervisor.
+MEMMAP_RAM = "ram"
+MEMMAP_RESERVED = "reserved"
 
-    ``[0, EBDA_START)``, ``[HIGH_RAM_START, end of the first region)`` and every region above
-    it as is (RAM above 4 GiB).  ``[EBDA_START, 1 MiB)`` (EBDA, VGA hole, BIOS area) is left out.
+
+def memory_map(mem) -> list[tuple[int, int, str]]:
+    """The guest's e820 / PVH memory map, following cloud-hypervisor: ``[(addr, size, kind)]``.
+
+    RAM ``[0, EBDA_START)`` and ``[HIGH_RAM_START, end of the first region)``, the PCI ECAM
+    (MMCONFIG) window as reserved (Linux uses MMCONFIG only when its range is reserved), and
+    every RAM region above (RAM above 4 GiB).  ``[EBDA_START, 1 MiB)`` (EBDA, VGA hole, BIOS
+    area with the ACPI tables) is left out: a hole, which Linux treats as reserved.
     """
     out = []
     for gpa, size in ram_ranges(mem):
         if gpa == 0:
-            out.append((0, min(size, layout.EBDA_START)))
+            out.append((0, min(size, layout.EBDA_START), MEMMAP_RAM))
             if size > layout.HIGH_RAM_START:
-                out.append((layout.HIGH_RAM_START, size - layout.HIGH_RAM_START))
+                out.append((layout.HIGH_RAM_START, size - layout.HIGH_RAM_START, MEMMAP_RAM))
         elif size:
-            out.append((gpa, size))
-    return out
+            out.append((gpa, size, MEMMAP_RAM))
+    out.append((layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, MEMMAP_RESERVED))
+    return sorted(out)
 
 
 def read_file(path: Path, what: str) -> bytes:
@@ -120,7 +120,8 @@ def encode_cmdline(cmdline: str, limit: int, name: str) -> bytes:
         raise BootError("kernel command line contains a NUL character", "remove it")
     if len(raw) > limit:
         raise BootError(
-            f"kernel command line is {len(raw)} bytes, longer than the {limit} bytes kernel {name} accepts",
+            f"kernel command line is {len(raw)} bytes, longer than the {limit} bytes "
+            f"kernel {name} accepts",
             "shorten the command line")
     return raw + b"\0"
 
@@ -140,6 +141,11 @@ def place_initramfs(mem, size: int, kernel_end: int, max_end: int, name: Path) -
 
 
 def write_zeros(mem, gpa: int, size: int) -> None:
+    """Zero ``[gpa, gpa + size)`` (already checked to lie in RAM)."""
+    fill = getattr(mem, "fill", None)       # GuestMemory.fill: memset, no temporary buffer
+    if fill is not None:
+        fill(gpa, size, 0)
+        return
     zeros = bytes(min(size, _ZERO_CHUNK))
     while size > 0:
         n = min(size, len(zeros))

@@ -10,8 +10,8 @@ GDT at ``layout.BOOT_GDT_START`` (selectors follow Linux's boot protocol, ``__BO
     0x00 null   0x08 null   0x10 code   0x18 data   0x20 TSS (16-byte system descriptor in
     long mode; its upper half at 0x28 is zero, i.e. a null descriptor for 32-bit PVH)
 
-The table is 48 bytes, so it extends past ``layout.BOOT_IDT_START`` (0x520).  That is harmless:
-the boot IDT has limit 0, so its memory is never read; no IDT bytes are written.
+The table is 48 bytes (0x500-0x52f); the empty boot IDT (limit 0) follows at
+``layout.BOOT_IDT_START`` (0x530).
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ GDT_CODE32 = 0xC09B     # G=1 D=1, P=1 S=1 type 0xb
 GDT_DATA = 0xC093       # G=1 B=1, P=1 S=1 type 0x3 (read/write, accessed)
 GDT_TSS = 0x008B        # G=0, P=1 S=0 type 0xb (busy 32-bit/64-bit TSS)
 TSS_LIMIT = 0x67        # 104-byte TSS, as the PVH ABI and KVM's entry checks want
-
-GDT_ENTRIES = 6
-GDT_LIMIT = GDT_ENTRIES * 8 - 1
 
 REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
              "r12", "r13", "r14", "r15", "rip", "rflags")

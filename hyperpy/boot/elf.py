@@ -42,7 +42,8 @@ XEN_NOTE_NAME = b"Xen"
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 # (struct format, size) of the file header and of one program header, per class.
-_EHDR = {ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH"), ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH")}
+_EHDR = {ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH"),
+         ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH")}
 _PHDR32 = struct.Struct("<IIIIIIII")   # type offset vaddr paddr filesz memsz flags align
 _PHDR64 = struct.Struct("<IIQQQQQQ")   # type flags offset vaddr paddr filesz memsz align
 _NHDR = struct.Struct("<III")          # namesz descsz type (4-byte words in both classes)
@@ -76,19 +77,22 @@ class ElfKernel:
         return [p for p in self.phdrs if p.type == PT_LOAD and p.memsz > 0]
 
     def virt_to_phys(self, addr: int) -> int | None:
-        """Translate ``addr`` to a physical address through the ``PT_LOAD`` mappings.
+        """The physical address of the entry point ``addr`` (``e_entry``).
 
-        An address inside some segment's ``[p_vaddr, p_vaddr + p_memsz)`` is translated with that
-        segment's ``p_vaddr -> p_paddr`` offset; otherwise an address that already lies inside a
-        segment's physical range is returned as is (Linux's vmlinux uses a physical ``e_entry``,
-        ``phys_startup_64``).  ``None`` when no segment contains it.
+        An address that already lies inside some ``PT_LOAD`` segment's physical range
+        ``[p_paddr, p_paddr + p_memsz)`` is returned as is: Linux's x86-64 vmlinux has a physical
+        ``e_entry`` (``phys_startup_64``), and its per-CPU segment has ``p_vaddr`` 0, so a
+        virtual-first lookup could mistranslate.  Otherwise an address inside a segment's
+        ``[p_vaddr, p_vaddr + p_memsz)`` is translated with that segment's ``p_vaddr -> p_paddr``
+        offset (e.g. a higher-half ``0xffffffff81000000 + x``).  ``None`` when no segment
+        contains it.
         """
-        for p in self.loads:
-            if p.vaddr <= addr < p.vaddr + p.memsz:
-                return addr - p.vaddr + p.paddr
         for p in self.loads:
             if p.paddr <= addr < p.paddr + p.memsz:
                 return addr
+        for p in self.loads:
+            if p.vaddr <= addr < p.vaddr + p.memsz:
+                return addr - p.vaddr + p.paddr
         return None
 
 
@@ -101,8 +105,9 @@ def parse_elf(data: bytes, name: str) -> ElfKernel:
     if data[:4] != ELF_MAGIC:
         raise BootError(f"kernel {name} is not an ELF file", "give a PVH ELF, vmlinux or bzImage")
     if len(data) < 16:
-        raise BootError(f"kernel {name} is truncated: {len(data)} bytes, shorter than an ELF header",
-                        "give the complete kernel file")
+        raise BootError(
+            f"kernel {name} is truncated: {len(data)} bytes, shorter than an ELF header",
+            "give the complete kernel file")
     elfclass = data[EI_CLASS]
     if elfclass not in _EHDR:
         raise BootError(f"kernel {name} has an invalid ELF class {elfclass}",
@@ -113,7 +118,8 @@ def parse_elf(data: bytes, name: str) -> ElfKernel:
     ehdr = _EHDR[elfclass]
     if len(data) < ehdr.size:
         raise BootError(
-            f"kernel {name} is truncated: {len(data)} bytes, shorter than its {ehdr.size}-byte ELF header",
+            f"kernel {name} is truncated: {len(data)} bytes, shorter than its "
+            f"{ehdr.size}-byte ELF header",
             "give the complete kernel file")
     (_ident, e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize,
      e_phentsize, e_phnum, _shentsize, _shnum, _shstrndx) = ehdr.unpack_from(data, 0)
@@ -133,8 +139,9 @@ def parse_elf(data: bytes, name: str) -> ElfKernel:
         raise BootError(f"kernel {name} has too many program headers (PN_XNUM)",
                         "give a kernel with fewer than 65535 program headers")
     if e_phentsize < phdr.size:
-        raise BootError(f"kernel {name} has {e_phentsize}-byte program headers, expected {phdr.size}",
-                        "the ELF file is corrupt")
+        raise BootError(
+            f"kernel {name} has {e_phentsize}-byte program headers, expected {phdr.size}",
+            "the ELF file is corrupt")
     if e_phoff + e_phnum * e_phentsize > len(data):
         raise BootError(
             f"kernel {name} is truncated: its {e_phnum} program headers at offset {e_phoff:#x} "
@@ -152,8 +159,8 @@ def parse_elf(data: bytes, name: str) -> ElfKernel:
             what = "PT_LOAD" if p_type == PT_LOAD else "PT_NOTE"
             if p_offset + p_filesz > len(data):
                 raise BootError(
-                    f"kernel {name}: {what} segment {i} (file offset {p_offset:#x}, {p_filesz} bytes) "
-                    f"runs past the end of the file ({len(data)} bytes)",
+                    f"kernel {name}: {what} segment {i} (file offset {p_offset:#x}, "
+                    f"{p_filesz} bytes) runs past the end of the file ({len(data)} bytes)",
                     "the file is truncated or corrupt")
             if p_type == PT_LOAD and p_filesz > p_memsz:
                 raise BootError(
@@ -163,7 +170,8 @@ def parse_elf(data: bytes, name: str) -> ElfKernel:
 
     kernel = ElfKernel(bits, e_machine, e_entry, tuple(phdrs), None)
     if not kernel.loads:
-        raise BootError(f"kernel {name} has no loadable (PT_LOAD) segments", "give a linked kernel image")
+        raise BootError(f"kernel {name} has no loadable (PT_LOAD) segments",
+                        "give a linked kernel image")
     pvh = find_pvh_entry(data, kernel.phdrs, name)
     if pvh is not None:
         kernel = ElfKernel(bits, e_machine, e_entry, tuple(phdrs), pvh)

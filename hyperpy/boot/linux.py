@@ -14,14 +14,14 @@ from .. import layout
 from .._fast import bootparams as bp
 from ..errors import BootError
 from . import cpu
-from .common import (CMDLINE_LIMIT, FOUR_GIB, BootInfo, align_up, check_elf_segments,
-                     encode_cmdline, low_ram_end, place_initramfs, ram_map,
-                     write_elf_segments)
+from .common import (CMDLINE_LIMIT, FOUR_GIB, MEMMAP_RAM, BootInfo, align_up,
+                     check_elf_segments, encode_cmdline, low_ram_end, memory_map,
+                     place_initramfs, write_elf_segments)
 
 BOOT_FLAG_MAGIC = 0xAA55
 HDR_MAGIC = 0x53726448              # "HdrS"
 LOADER_TYPE_UNDEFINED = 0xFF        # type_of_loader: "undefined/other" boot loader
-VMLINUX_PROTOCOL_VERSION = 0x020C   # the header version we claim for a vmlinux (no header of its own)
+VMLINUX_PROTOCOL_VERSION = 0x020C   # header version claimed for a vmlinux (it has no header)
 KERNEL_MIN_ALIGNMENT = 0x100_0000   # 16 MiB, as Firecracker/cloud-hypervisor set for vmlinux
 MIN_PROTOCOL = 0x0206               # cmdline_size exists from 2.06
 XLOADFLAGS_PROTOCOL = 0x020C        # xloadflags exists from 2.12
@@ -30,7 +30,6 @@ STARTUP_64_OFFSET = 0x200           # 64-bit entry = load address + 0x200
 
 # Offsets into a bzImage file (the setup sectors mirror the zero page layout).
 SETUP_HEADER_START = bp.BOOT_PARAMS_OFFSETS["hdr"]          # 0x1f1
-HDR_MAGIC_OFFSET = bp.BOOT_PARAMS_OFFSETS["hdr.header"]     # 0x202
 JUMP_OFFSET = bp.BOOT_PARAMS_OFFSETS["hdr.jump"]            # 0x200: "jmp short" = eb xx
 SECTOR = 512
 
@@ -64,7 +63,8 @@ class ZeroPage:
 
 
 def e820_entries(mem) -> list[tuple[int, int, int]]:
-    return [(a, s, bp.E820_RAM) for a, s in ram_map(mem)]
+    return [(a, s, bp.E820_RAM if kind == MEMMAP_RAM else bp.E820_RESERVED)
+            for a, s, kind in memory_map(mem)]
 
 
 def _finish_zero_page(zp: ZeroPage, mem, initrd, rsdp: int) -> None:
@@ -101,8 +101,9 @@ def load_vmlinux(mem, data: bytes, elf, name: Path, cmdline: str, initramfs: byt
                         "give a 64-bit vmlinux, a bzImage, or a kernel built with CONFIG_PVH=y")
     entry = elf.virt_to_phys(elf.entry)
     if entry is None:
-        raise BootError(f"kernel {name}: entry point {elf.entry:#x} is not inside any loadable segment",
-                        "the ELF file is corrupt")
+        raise BootError(
+            f"kernel {name}: entry point {elf.entry:#x} is not inside any loadable segment",
+            "the ELF file is corrupt")
     if entry >= FOUR_GIB:
         raise BootError(f"kernel {name}: entry point {entry:#x} is above the 4 GiB identity map",
                         "give a kernel linked below 4 GiB")
@@ -126,15 +127,12 @@ def load_vmlinux(mem, data: bytes, elf, name: Path, cmdline: str, initramfs: byt
     return _boot(mem, "linux64", entry, zp, raw_cmdline, kernel_end, initrd, initramfs)
 
 
-def is_bzimage(data: bytes) -> bool:
-    return data[HDR_MAGIC_OFFSET:HDR_MAGIC_OFFSET + 4] == b"HdrS"
-
-
 def load_bzimage(mem, data: bytes, name: Path, cmdline: str, initramfs: bytes | None,
                  initramfs_name: Path | None, rsdp: int = 0) -> BootInfo:
     """Boot a bzImage through its 64-bit entry point (load address + 0x200)."""
     if len(data) <= JUMP_OFFSET + 1:
-        raise BootError(f"kernel {name} is truncated: {len(data)} bytes", "give the complete bzImage")
+        raise BootError(f"kernel {name} is truncated: {len(data)} bytes",
+                        "give the complete bzImage")
     # The setup header runs from 0x1f1 to the target of the "jmp short" at 0x200.
     hdr_end = JUMP_OFFSET + 2 + data[JUMP_OFFSET + 1]
     if hdr_end > len(data):
@@ -153,7 +151,8 @@ def load_bzimage(mem, data: bytes, name: Path, cmdline: str, initramfs: bytes | 
     xloadflags = zp["hdr.xloadflags"] if version >= XLOADFLAGS_PROTOCOL else 0
     if not xloadflags & bp.XLF_KERNEL_64:
         raise BootError(
-            f"kernel {name} (boot protocol {vstr}) has no 64-bit entry point (XLF_KERNEL_64 not set)",
+            f"kernel {name} (boot protocol {vstr}) has no 64-bit entry point "
+            "(XLF_KERNEL_64 not set)",
             "give a 64-bit x86 kernel (CONFIG_X86_64=y)")
 
     setup_sects = zp["hdr.setup_sects"] or 4

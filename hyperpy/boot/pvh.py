@@ -37,14 +37,15 @@ from pathlib import Path
 from .. import layout
 from ..errors import BootError
 from . import cpu
-from .common import (CMDLINE_LIMIT, BootInfo, check_elf_segments, encode_cmdline, place_initramfs,
-                     ram_map, write_elf_segments)
+from .common import (CMDLINE_LIMIT, MEMMAP_RAM, MEMMAP_RESERVED, BootInfo, check_elf_segments,
+                     encode_cmdline, memory_map, place_initramfs, write_elf_segments)
 
 HVM_START_MAGIC_VALUE = 0x336EC578
 HVM_START_INFO_VERSION = 1
 
 XEN_HVM_MEMMAP_TYPE_RAM = 1
 XEN_HVM_MEMMAP_TYPE_RESERVED = 2
+_MEMMAP_TYPES = {MEMMAP_RAM: XEN_HVM_MEMMAP_TYPE_RAM, MEMMAP_RESERVED: XEN_HVM_MEMMAP_TYPE_RESERVED}
 
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")
 HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
@@ -62,7 +63,8 @@ def write_start_info(mem, *, cmdline_paddr: int, modules: list[tuple[int, int]],
     ``modules`` is ``[(paddr, size), ...]``; ``memmap`` is ``[(addr, size, type), ...]``.
     """
     if len(modules) > MAX_MODULES:
-        raise BootError(f"{len(modules)} PVH modules do not fit the module list", f"at most {MAX_MODULES}")
+        raise BootError(f"{len(modules)} PVH modules do not fit the module list",
+                        f"at most {MAX_MODULES}")
     if len(memmap) > MAX_MEMMAP_ENTRIES:
         raise BootError(f"{len(memmap)} memory map entries do not fit the PVH memory map",
                         f"at most {MAX_MEMMAP_ENTRIES}")
@@ -88,8 +90,9 @@ def load_pvh(mem, data: bytes, elf, name: Path, cmdline: str, initramfs: bytes |
         raise BootError(f"kernel {name}: PVH entry point {entry:#x} is above 4 GiB",
                         "the PVH entry must be a 32-bit physical address")
     if not any(p.paddr <= entry < p.paddr + p.memsz for p in elf.loads):
-        raise BootError(f"kernel {name}: PVH entry point {entry:#x} is not inside any loadable segment",
-                        "the ELF file is corrupt")
+        raise BootError(
+            f"kernel {name}: PVH entry point {entry:#x} is not inside any loadable segment",
+            "the ELF file is corrupt")
     raw_cmdline = encode_cmdline(cmdline, CMDLINE_LIMIT, name)
 
     initrd = None
@@ -102,7 +105,7 @@ def load_pvh(mem, data: bytes, elf, name: Path, cmdline: str, initramfs: bytes |
     if initrd is not None:
         mem.write(initrd[0], initramfs)
     mem.write(layout.CMDLINE_START, raw_cmdline)
-    memmap = [(a, s, XEN_HVM_MEMMAP_TYPE_RAM) for a, s in ram_map(mem)]
+    memmap = [(a, s, _MEMMAP_TYPES[kind]) for a, s, kind in memory_map(mem)]
     start_info = write_start_info(mem, cmdline_paddr=layout.CMDLINE_START,
                                   modules=[initrd] if initrd else [], memmap=memmap, rsdp=rsdp)
     regs, sregs = cpu.protected_mode_state(mem, entry, start_info)

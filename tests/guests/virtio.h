@@ -1,0 +1,106 @@
+/* A small virtio-pci "modern" (virtio 1.x) driver for the device guests.
+ *
+ * Transport: virtio 1.x section 4.1 (PCI capabilities COMMON/NOTIFY/ISR/DEVICE/PCI), split
+ * virtqueues (section 2.7), status handshake (3.1.1). Completions are polled from the used ring
+ * unless `irq` is on the command line: then MSI-X is enabled (vector VIRTIO_QUEUE_VECTOR for
+ * every queue through table entry 0, VIRTIO_CONFIG_VECTOR for configuration changes through
+ * entry 1) and each completion must also raise its interrupt.
+ *
+ * Output lines start with the guest's prefix ("BLK", "NET", ...): "<P> pci bb:dd.f vvvv:dddd",
+ * "<P> caps ..." (informational), and "<P> FAIL <reason>" on a fatal error (then reset).
+ */
+#ifndef HYPERPY_VIRTIO_H
+#define HYPERPY_VIRTIO_H
+
+#include "guest.h"
+#include "intr.h"
+#include "pci.h"
+
+#include <linux/virtio_config.h>
+#include <linux/virtio_pci.h>
+#include <linux/virtio_ring.h>
+
+#define VIRTIO_PCI_VENDOR 0x1af4
+#define VIRTIO_PCI_MODERN_DEVICE_BASE 0x1040 /* device id = 0x1040 + virtio device type */
+#define VIRTIO_PCI_TRANSITIONAL_BASE 0x0fff  /* transitional: 0x1000 + type - 1 (net 0x1000, blk 0x1001, console 0x1003, rng 0x1005) */
+#define VIRTIO_TYPE_NET 1
+#define VIRTIO_TYPE_BLOCK 2
+#define VIRTIO_TYPE_CONSOLE 3
+#define VIRTIO_TYPE_RNG 4
+
+#define VIRTIO_QUEUE_VECTOR 0x50
+#define VIRTIO_CONFIG_VECTOR 0x51
+#define VQ_MAX_SIZE 64      /* queue size used: min(device maximum, this), a power of two */
+#define VIRTIO_MAX_QUEUES 4
+#define VIRTIO_DEFAULT_TIMEOUT_MS 5000
+
+struct virtq {
+    uint16_t index;     /* queue number */
+    uint16_t size;      /* 0: not set up */
+    uint16_t free_head, num_free;
+    uint16_t avail_idx; /* shadow of avail->idx */
+    uint16_t last_used;
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    volatile struct vring_used *used;
+    uint64_t notify_addr;
+};
+
+struct virtio_dev {
+    const char *prefix;
+    struct pci_dev pci;
+    uint64_t common, notify, isr, device_cfg; /* MMIO addresses of the structures */
+    uint32_t notify_mult, device_cfg_len;
+    uint8_t caps_seen; /* bit n: a cfg_type n capability was found */
+    uint64_t device_features, features;
+    bool use_irq;
+    uint16_t msix_entries;
+    uint64_t msix_table;
+    uint32_t irqs_waited; /* completions that arrived with their interrupt */
+    uint32_t timeout_ms;
+    struct virtq vq[VIRTIO_MAX_QUEUES];
+};
+
+struct vbuf {
+    const void *addr;
+    uint32_t len;
+    bool device_writes; /* VRING_DESC_F_WRITE */
+};
+
+extern volatile uint32_t virtio_irq_count, virtio_config_irq_count;
+
+__attribute__((noreturn)) void virtio_fail(const struct virtio_dev *d, const char *why);
+
+/* Finds device `type` (modern id 0x1040+type, else transitional), prints "<P> pci ...",
+ * maps its capabilities, enables MSI-X when `irq` is on the command line, resets it and
+ * negotiates: features = device features & (wanted | VERSION_1 | ACCESS_PLATFORM).
+ * Fails (prints, resets) if the device is missing, lacks VERSION_1 or rejects FEATURES_OK.
+ * Leaves the status at ACKNOWLEDGE|DRIVER|FEATURES_OK: set up queues, then virtio_driver_ok. */
+void virtio_init(struct virtio_dev *d, const char *prefix, unsigned type, uint64_t wanted,
+                 const char *cmdline);
+struct virtq *virtio_setup_queue(struct virtio_dev *d, uint16_t index);
+void virtio_driver_ok(struct virtio_dev *d);
+void virtio_reset(struct virtio_dev *d);
+static inline bool virtio_has(const struct virtio_dev *d, unsigned bit) { return d->features >> bit & 1; }
+
+/* Device-specific configuration, at the access width the name says. */
+uint8_t virtio_cfg8(struct virtio_dev *d, uint32_t off);
+uint16_t virtio_cfg16(struct virtio_dev *d, uint32_t off);
+uint32_t virtio_cfg32(struct virtio_dev *d, uint32_t off);
+uint64_t virtio_cfg64(struct virtio_dev *d, uint32_t off); /* two 32-bit reads, generation-checked */
+
+/* Adds a descriptor chain and makes it available (no notify); returns the head or -1. */
+int virtq_add(struct virtq *q, const struct vbuf *bufs, int n);
+void virtq_kick(struct virtio_dev *d, struct virtq *q);
+/* Takes one used element if there is one (frees its chain). */
+bool virtq_get_used(struct virtq *q, uint32_t *id, uint32_t *len);
+/* Waits (polls, or with `irq` sleeps for the interrupt) for one used element, at most
+ * timeout_ms. With `irq` the interrupt must arrive too, else "<P> FAIL irq missing". */
+bool virtq_wait(struct virtio_dev *d, struct virtq *q, uint32_t timeout_ms, uint32_t *id, uint32_t *len);
+/* add + kick + wait for that chain; fails on timeout. Returns the used length. */
+uint32_t virtq_transfer(struct virtio_dev *d, struct virtq *q, const struct vbuf *bufs, int n);
+
+void print_hex_bytes(const void *p, size_t n); /* lowercase, two digits a byte, no spaces */
+uint32_t fnv1a32(const void *p, size_t n);
+
+#endif
