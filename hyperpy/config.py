@@ -379,6 +379,141 @@ def parse_console(value: str | None) -> ConsoleConfig:
     return ConsoleConfig(mode, path)
 
 
+# --------------------------------------------------------------------------- devices
+
+DISK_KEYS = ("path", "readonly", "direct", "num_queues", "queue_size", "id", "pci_device_id", "iommu")
+NET_KEYS = ("tap", "mac", "ip", "mask", "num_queues", "queue_size", "id", "pci_device_id", "iommu")
+RNG_KEYS = ("src", "iommu", "pci_device_id")
+MAX_QUEUE_SIZE = 32768
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One ``--disk``: a raw image served by virtio-blk."""
+
+    path: Path
+    readonly: bool = False
+    direct: bool = False
+    num_queues: int = 1
+    queue_size: int = 256
+    id: str = ""
+    pci_device_id: int | None = None
+    iommu: bool = False
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """One ``--net``: virtio-net over a host TAP device."""
+
+    tap: str
+    mac: bytes
+    ip: str | None = None
+    mask: str | None = None
+    num_queues: int = 2
+    queue_size: int = 256
+    id: str = ""
+    pci_device_id: int | None = None
+    iommu: bool = False
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    src: Path = Path("/dev/urandom")
+    iommu: bool = False
+    pci_device_id: int | None = None
+
+
+def _queue_size(value: str, option: str) -> int:
+    n = parse_int(value, option, 1, MAX_QUEUE_SIZE)
+    if n & (n - 1):
+        raise ConfigError(f"{option}: {value!r} is not a power of two (e.g. 256)")
+    return n
+
+
+def _pci_slot(value: str, option: str) -> int:
+    return parse_int(value, option, 1, 31)   # slot 0 is the host bridge
+
+
+def parse_disk(value: str) -> DiskConfig:
+    """``--disk path=F[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=..]``."""
+    o = split_options("--disk", value, DISK_KEYS, bare_key="path")
+    if "path" not in o:
+        raise ConfigError("--disk: path= is required (e.g. --disk path=disk.img)")
+    path = Path(unquote(o["path"])).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--disk path: no such file: {path} (give a raw disk image)")
+    if path.is_dir():
+        raise ConfigError(f"--disk path: {path} is a directory (give a raw disk image)")
+    return DiskConfig(
+        path=path,
+        readonly=parse_bool(o["readonly"], "--disk readonly") if "readonly" in o else False,
+        direct=parse_bool(o["direct"], "--disk direct") if "direct" in o else False,
+        num_queues=parse_int(o["num_queues"], "--disk num_queues", 1, 64) if "num_queues" in o else 1,
+        queue_size=_queue_size(o["queue_size"], "--disk queue_size") if "queue_size" in o else 256,
+        id=unquote(o.get("id", "")),
+        pci_device_id=_pci_slot(o["pci_device_id"], "--disk pci_device_id") if "pci_device_id" in o else None,
+        iommu=parse_bool(o["iommu"], "--disk iommu") if "iommu" in o else False,
+    )
+
+
+def parse_mac(value: str, option: str) -> bytes:
+    parts = value.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise ConfigError(f"{option}: {value!r} is not a MAC address (e.g. 52:54:00:12:34:56)")
+    if mac[0] & 1:
+        raise ConfigError(f"{option}: {value!r} is a multicast address (the first byte must be even)")
+    return mac
+
+
+def _ipv4(value: str, option: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigError(f"{option}: {value!r} is not an IPv4 address") from None
+
+
+def parse_net(value: str, index: int = 0) -> NetConfig:
+    """``--net tap=NAME[,mac=..][,ip=..,mask=..][,num_queues=N][,queue_size=N]``."""
+    import os as _os
+
+    o = split_options("--net", value, NET_KEYS)
+    tap = unquote(o.get("tap", "")) or f"hptap{index}"
+    if len(tap.encode()) > 15 or "/" in tap or " " in tap:
+        raise ConfigError(f"--net tap: {tap!r} is not a valid interface name (at most 15 characters)")
+    # Default MAC: locally administered (0x52 0x54 0x00 like QEMU/cloud-hypervisor) + random.
+    mac = parse_mac(o["mac"], "--net mac") if "mac" in o else bytes([0x52, 0x54, 0x00]) + _os.urandom(3)
+    nq = parse_int(o["num_queues"], "--net num_queues", 2, 2) if "num_queues" in o else 2
+    return NetConfig(
+        tap=tap, mac=mac,
+        ip=_ipv4(o["ip"], "--net ip") if "ip" in o else None,
+        mask=_ipv4(o["mask"], "--net mask") if "mask" in o else None,
+        num_queues=nq,
+        queue_size=_queue_size(o["queue_size"], "--net queue_size") if "queue_size" in o else 256,
+        id=unquote(o.get("id", "")),
+        pci_device_id=_pci_slot(o["pci_device_id"], "--net pci_device_id") if "pci_device_id" in o else None,
+        iommu=parse_bool(o["iommu"], "--net iommu") if "iommu" in o else False,
+    )
+
+
+def parse_rng(value: str | None) -> RngConfig | None:
+    """``--rng [src=/dev/urandom][,iommu=on]``."""
+    if value is None:
+        return None
+    o = split_options("--rng", value, RNG_KEYS, bare_key="src") if value.strip() else {}
+    src = Path(unquote(o.get("src", "/dev/urandom"))).expanduser()
+    if not src.exists():
+        raise ConfigError(f"--rng src: no such file: {src} (e.g. src=/dev/urandom)")
+    return RngConfig(src=src,
+                     iommu=parse_bool(o["iommu"], "--rng iommu") if "iommu" in o else False,
+                     pci_device_id=_pci_slot(o["pci_device_id"], "--rng pci_device_id") if "pci_device_id" in o else None)
+
+
 # --------------------------------------------------------------------------- whole VM
 
 
@@ -391,12 +526,16 @@ class VmConfig:
     payload: PayloadConfig
     serial: SerialConfig = SerialConfig()
     console: ConsoleConfig = ConsoleConfig()
+    disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    rng: RngConfig | None = None
 
 
 def build_vm_config(cpus: str | None = None, memory: str | None = None,
                     kernel: str | None = None, initramfs: str | None = None,
                     cmdline: str | None = None, serial: str | None = None,
-                    console: str | None = None) -> VmConfig:
+                    console: str | None = None, disks: Sequence[str] = (),
+                    nets: Sequence[str] = (), rng: str | None = None) -> VmConfig:
     """Parse and check every option; the first problem is raised as one ConfigError."""
     cfg = VmConfig(
         cpus=parse_cpus(cpus),
@@ -404,7 +543,16 @@ def build_vm_config(cpus: str | None = None, memory: str | None = None,
         payload=parse_payload(kernel, initramfs, cmdline),
         serial=parse_serial(serial),
         console=parse_console(console),
+        disks=tuple(parse_disk(d) for d in disks),
+        nets=tuple(parse_net(n, i) for i, n in enumerate(nets)),
+        rng=parse_rng(rng),
     )
+    taps = [n.tap for n in cfg.nets]
+    if len(set(taps)) != len(taps):
+        raise ConfigError("--net: two devices use the same tap (give each its own tap=NAME)")
+    slots = [d.pci_device_id for d in (*cfg.disks, *cfg.nets, cfg.rng) if d is not None and d.pci_device_id]
+    if len(set(slots)) != len(slots):
+        raise ConfigError("pci_device_id: two devices ask for the same PCI slot")
     if cfg.serial.mode == "tty" and cfg.console.mode == "tty":
         raise ConfigError("--serial and --console cannot both be tty (send one to a file or off)")
     return cfg

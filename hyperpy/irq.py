@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
+from . import layout
 from ._fast import kvm
 
 IOAPIC_PINS = 24
@@ -20,3 +24,64 @@ def default_gsi_routes() -> list[tuple]:
             routes.append(("irqchip", gsi, chip, gsi % 8))
         routes.append(("irqchip", gsi, kvm.IRQCHIP_IOAPIC, gsi))
     return routes
+
+
+class MsiVector:
+    """One MSI(-X) vector: a GSI and the eventfd KVM injects it from (KVM_IRQFD)."""
+
+    __slots__ = ("gsi", "fd", "route")
+
+    def __init__(self, gsi: int, fd: int) -> None:
+        self.gsi = gsi
+        self.fd = fd
+        self.route: tuple[int, int] | None = None   # (address, data) once the guest set it
+
+    def fire(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+
+class InterruptRouter:
+    """Owns the VM's GSI routing table: the legacy pins plus one MSI route per vector.
+
+    ``KVM_SET_GSI_ROUTING`` replaces the whole table, so every change re-sends it.
+    """
+
+    def __init__(self, vm) -> None:
+        self.vm = vm
+        self._lock = threading.Lock()
+        self._next_gsi = layout.MSI_GSI_START
+        self._free: list[int] = []
+        self._vectors: dict[int, MsiVector] = {}
+        self.commit()
+
+    def allocate_msi(self) -> MsiVector:
+        with self._lock:
+            gsi = self._free.pop() if self._free else self._next_gsi
+            if gsi == self._next_gsi:
+                self._next_gsi += 1
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            vec = MsiVector(gsi, fd)
+            self._vectors[gsi] = vec
+        self.vm.irqfd(fd, gsi)
+        return vec
+
+    def release_msi(self, vec: MsiVector) -> None:
+        self.vm.irqfd(vec.fd, vec.gsi, deassign=True)
+        os.close(vec.fd)
+        with self._lock:
+            self._vectors.pop(vec.gsi, None)
+            self._free.append(vec.gsi)
+        self.commit()
+
+    def set_msi_route(self, vec: MsiVector, address: int, data: int) -> None:
+        if vec.route == (address, data):
+            return
+        vec.route = (address, data)
+        self.commit()
+
+    def commit(self) -> None:
+        with self._lock:
+            routes = default_gsi_routes()
+            routes += [("msi", v.gsi, v.route[0], v.route[1])
+                       for v in self._vectors.values() if v.route is not None]
+            self.vm.set_gsi_routing(routes)

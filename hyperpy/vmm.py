@@ -24,7 +24,7 @@ from .devices.legacy.boot_timer import BootTime, BootTimer
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.serial import Serial
 from .errors import ConfigError, HyperpyError
-from .irq import default_gsi_routes
+from .irq import InterruptRouter
 from .memory import create_guest_memory
 from .vcpu_setup import setup_vcpu
 
@@ -122,7 +122,7 @@ class VirtualMachine:
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        self.vm.set_gsi_routing(default_gsi_routes())
+        self.irq_router = InterruptRouter(self.vm)
 
         self.memory = create_guest_memory(config.memory)
         for slot, (gpa, size, host) in enumerate(self.memory.regions):
@@ -143,6 +143,8 @@ class VirtualMachine:
         self.post_port = NullDevice()
         self.pio_bus.register(layout.POST_CODE_PORT, 1, self.post_port)
 
+        self._build_device_model(config)
+
         payload = config.payload
         self.boot: BootInfo = load_kernel(self.memory, Path(payload.kernel), payload.cmdline or "",
                                           Path(payload.initramfs) if payload.initramfs else None)
@@ -159,6 +161,69 @@ class VirtualMachine:
         boot_vcpu = self.vcpus[0]
         boot_vcpu.set_sregs(self.boot.sregs)
         boot_vcpu.set_regs(self.boot.regs)
+
+    # --- PCI and virtio ------------------------------------------------------------------------
+    def _build_device_model(self, config) -> None:
+        from ._fast.addrspace import AddressSpace
+        from .devices.pci.bus import PciBus, PciConfigIo, PciConfigMmio, PciHostBridge
+        from .eventloop import EventLoop
+
+        self.loop = EventLoop("virtio-devices")
+        self.address_space = AddressSpace(self.memory)
+        self.pci = PciBus(self.mmio_bus, self.pio_bus,
+                          (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+                          (layout.pci_mmio64_start(config.memory.size), layout.PCI_MMIO64_SIZE))
+        self.pio_bus.register(layout.PCI_CONFIG_ADDRESS_PORT, 8, PciConfigIo(self.pci))
+        self.mmio_bus.register(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, PciConfigMmio(self.pci))
+        self.pci.add(PciHostBridge(), 0)
+        self.virtio: list = []
+        try:
+            self._add_virtio_devices(config)
+        except BaseException:
+            self._close_devices()
+            raise
+
+    def _add_virtio_devices(self, config) -> None:
+        from .devices.virtio.blk import Block
+        from .devices.virtio.console import Console
+        from .devices.virtio.net import Net
+        from .devices.virtio.rng import Rng
+
+        if config.console.mode != "off":
+            fd, owned = _serial_fd(config.console)
+            if owned:
+                self._owned_fds.append(fd)
+            self.console = Console(fd)
+            self._plug(self.console, None)
+        else:
+            self.console = None
+        for d in config.disks:
+            self._plug(Block(d.path, readonly=d.readonly, direct=d.direct, num_queues=d.num_queues,
+                             queue_size=d.queue_size, serial=d.id), d.pci_device_id)
+        for n in config.nets:
+            self._plug(Net(n.tap, n.mac, ip=n.ip, mask=n.mask, queue_size=n.queue_size), n.pci_device_id)
+        if config.rng is not None:
+            self._plug(Rng(config.rng.src), config.rng.pci_device_id)
+
+    def _plug(self, device, slot) -> None:
+        from .devices.virtio.pci import VirtioPciDevice
+
+        try:
+            pci_dev = VirtioPciDevice(device, vm=self.vm, router=self.irq_router, loop=self.loop,
+                                      address_space=self.address_space)
+        except BaseException:
+            device.close()
+            raise
+        self.virtio.append(pci_dev)
+        self.pci.add(pci_dev, slot)
+
+    def _close_devices(self) -> None:
+        for d in getattr(self, "virtio", []):
+            try:
+                d.close()
+            except Exception:
+                log.exception("closing %s failed", d.name)
+        self.virtio = []
 
     # --- interrupts and device callbacks ----------------------------------------------------
     def _serial_irq(self) -> None:
@@ -299,6 +364,7 @@ class VirtualMachine:
 
     def run(self) -> VmExit:
         """Start every vCPU and wait until the VM ends."""
+        self.loop.start()
         stdin_restore = self._start_console_input()
         old_term = self._install_sigterm()
         for v in self.vcpus:
@@ -318,6 +384,8 @@ class VirtualMachine:
                 stdin_restore()
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+            self.loop.stop()
+            self._close_devices()
             for fd in self._owned_fds:
                 os.close(fd)
             self._owned_fds.clear()
@@ -335,7 +403,13 @@ class VirtualMachine:
 
     def _start_console_input(self):
         """Feed stdin to the UART when the serial console is an interactive terminal."""
-        if self.config.serial.mode != "tty" or not os.isatty(0):
+        if self.config.serial.mode == "tty":
+            sink = self.serial.enqueue_input
+        elif self.config.console.mode == "tty" and self.console is not None:
+            sink = self.console.enqueue_input
+        else:
+            return None
+        if not os.isatty(0):
             return None
         fd = 0
         saved = termios.tcgetattr(fd)
@@ -352,7 +426,7 @@ class VirtualMachine:
                     return
                 if not data:
                     return
-                self.serial.enqueue_input(data)
+                sink(data)
 
         threading.Thread(target=reader, name="stdin", daemon=True).start()
         return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)

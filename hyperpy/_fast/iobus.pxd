@@ -33,13 +33,14 @@ cdef class FastDevice:
 cdef struct BusTable:
     int n
     BusRange *ranges           # n entries sorted by base, stored right after this header
+    BusTable *retired_next     # chain of replaced tables, freed with the bus
 
 cdef class IoBus:
     # Copy-on-write: register/unregister publish a new table with one pointer store, so vCPU
     # threads searching it without the GIL never see a half-updated array.  Old tables are
     # freed when the bus dies (changes are rare: device set-up and PCI BAR moves).
     cdef BusTable *_table
-    cdef list _retired         # addresses of old tables
+    cdef BusTable *_retired    # replaced tables (a vCPU may still be reading one)
     cdef readonly str name
     cdef list _handlers        # Python handler (or FastDevice) per slot; keeps them alive
     cdef _publish(self, BusTable *t)

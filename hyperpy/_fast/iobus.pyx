@@ -54,6 +54,7 @@ cdef BusTable *_new_table(int n) noexcept:
     cdef BusTable *t = <BusTable *>malloc(sizeof(BusTable) + max(n, 1) * sizeof(BusRange))
     if t != NULL:
         t.n = n
+        t.retired_next = NULL
         t.ranges = <BusRange *>(<char *>t + sizeof(BusTable))
     return t
 
@@ -65,21 +66,24 @@ cdef class IoBus:
         self._table = _new_table(0)
         if self._table == NULL:
             raise MemoryError()
-        self._retired = []
+        self._retired = NULL
         self.name = name
         self._handlers = []
 
     def __dealloc__(self):
+        cdef BusTable *t = self._retired
+        cdef BusTable *nxt
         free(self._table)
-        cdef uintptr_t a
-        for addr in self._retired:
-            a = addr
-            free(<void *>a)
+        while t != NULL:
+            nxt = t.retired_next
+            free(t)
+            t = nxt
 
     cdef _publish(self, BusTable *t):
         cdef BusTable *old = self._table
         store_release(<void **>&self._table, t)
-        self._retired.append(<uintptr_t>old)
+        old.retired_next = self._retired
+        self._retired = old
 
     def register(self, uint64_t base, uint64_t size, handler):
         """Route ``[base, base+size)`` to ``handler`` (a FastDevice or an object with read/write)."""

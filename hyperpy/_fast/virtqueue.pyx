@@ -54,7 +54,18 @@ cdef extern from *:
        compiler from re-reading a field the guest may be changing under us. */
     static inline void hp_vq_read_desc(struct vring_desc *d, const struct vring_desc *s)
     { memcpy(d, s, sizeof(*d)); __asm__ __volatile__("" ::: "memory"); }
-    #define HP_VQ_OFF(type, field) ((Py_ssize_t)offsetof(type, field))
+    #define HP_VQ_OFF_DESC_ADDR offsetof(struct vring_desc, addr)
+    #define HP_VQ_OFF_DESC_LEN offsetof(struct vring_desc, len)
+    #define HP_VQ_OFF_DESC_FLAGS offsetof(struct vring_desc, flags)
+    #define HP_VQ_OFF_DESC_NEXT offsetof(struct vring_desc, next)
+    #define HP_VQ_OFF_AVAIL_FLAGS offsetof(struct vring_avail, flags)
+    #define HP_VQ_OFF_AVAIL_IDX offsetof(struct vring_avail, idx)
+    #define HP_VQ_OFF_AVAIL_RING offsetof(struct vring_avail, ring)
+    #define HP_VQ_OFF_USED_FLAGS offsetof(struct vring_used, flags)
+    #define HP_VQ_OFF_USED_IDX offsetof(struct vring_used, idx)
+    #define HP_VQ_OFF_USED_RING offsetof(struct vring_used, ring)
+    #define HP_VQ_OFF_USED_ELEM_ID offsetof(struct vring_used_elem, id)
+    #define HP_VQ_OFF_USED_ELEM_LEN offsetof(struct vring_used_elem, len)
     """
     uint16_t hp_vq_load_acquire_u16(const uint16_t *p) noexcept nogil
     uint16_t hp_vq_load_u16(const uint16_t *p) noexcept nogil
@@ -62,7 +73,18 @@ cdef extern from *:
     void hp_vq_store_release_u16(uint16_t *p, uint16_t v) noexcept nogil
     void hp_vq_mb() noexcept nogil
     void hp_vq_read_desc(vring_desc *d, const vring_desc *s) noexcept nogil
-    Py_ssize_t HP_VQ_OFF(...)
+    size_t HP_VQ_OFF_DESC_ADDR
+    size_t HP_VQ_OFF_DESC_LEN
+    size_t HP_VQ_OFF_DESC_FLAGS
+    size_t HP_VQ_OFF_DESC_NEXT
+    size_t HP_VQ_OFF_AVAIL_FLAGS
+    size_t HP_VQ_OFF_AVAIL_IDX
+    size_t HP_VQ_OFF_AVAIL_RING
+    size_t HP_VQ_OFF_USED_FLAGS
+    size_t HP_VQ_OFF_USED_IDX
+    size_t HP_VQ_OFF_USED_RING
+    size_t HP_VQ_OFF_USED_ELEM_ID
+    size_t HP_VQ_OFF_USED_ELEM_LEN
 
 
 class QueueError(DeviceError):
@@ -86,20 +108,20 @@ MAX_INDIRECT = VQ_MAX_INDIRECT
 
 LAYOUT = {
     "desc_size": sizeof(vring_desc),
-    "desc_addr": HP_VQ_OFF(vring_desc, addr),
-    "desc_len": HP_VQ_OFF(vring_desc, len),
-    "desc_flags": HP_VQ_OFF(vring_desc, flags),
-    "desc_next": HP_VQ_OFF(vring_desc, next),
-    "avail_flags": HP_VQ_OFF(vring_avail, flags),
-    "avail_idx": HP_VQ_OFF(vring_avail, idx),
-    "avail_ring": HP_VQ_OFF(vring_avail, ring),
+    "desc_addr": HP_VQ_OFF_DESC_ADDR,
+    "desc_len": HP_VQ_OFF_DESC_LEN,
+    "desc_flags": HP_VQ_OFF_DESC_FLAGS,
+    "desc_next": HP_VQ_OFF_DESC_NEXT,
+    "avail_flags": HP_VQ_OFF_AVAIL_FLAGS,
+    "avail_idx": HP_VQ_OFF_AVAIL_IDX,
+    "avail_ring": HP_VQ_OFF_AVAIL_RING,
     "avail_entry_size": sizeof(uint16_t),
-    "used_flags": HP_VQ_OFF(vring_used, flags),
-    "used_idx": HP_VQ_OFF(vring_used, idx),
-    "used_ring": HP_VQ_OFF(vring_used, ring),
+    "used_flags": HP_VQ_OFF_USED_FLAGS,
+    "used_idx": HP_VQ_OFF_USED_IDX,
+    "used_ring": HP_VQ_OFF_USED_RING,
     "used_elem_size": sizeof(vring_used_elem),
-    "used_elem_id": HP_VQ_OFF(vring_used_elem, id),
-    "used_elem_len": HP_VQ_OFF(vring_used_elem, len),
+    "used_elem_id": HP_VQ_OFF_USED_ELEM_ID,
+    "used_elem_len": HP_VQ_OFF_USED_ELEM_LEN,
     "desc_align": VRING_DESC_ALIGN_SIZE,
     "avail_align": VRING_AVAIL_ALIGN_SIZE,
     "used_align": VRING_USED_ALIGN_SIZE,
@@ -114,8 +136,8 @@ def ring_sizes(uint32_t size):
     6 + 8*size bytes).
     """
     return (sizeof(vring_desc) * size,
-            <size_t>HP_VQ_OFF(vring_avail, ring) + sizeof(uint16_t) * (size + 1),
-            <size_t>HP_VQ_OFF(vring_used, ring) + sizeof(vring_used_elem) * size + sizeof(uint16_t))
+            HP_VQ_OFF_AVAIL_RING + sizeof(uint16_t) * (size + 1),
+            HP_VQ_OFF_USED_RING + sizeof(vring_used_elem) * size + sizeof(uint16_t))
 
 
 def need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old):
@@ -257,10 +279,10 @@ cdef class SplitQueue:
             self._ready = False
             self._activate()
 
-    cdef _fail_config(self, str reason):
+    def _fail_config(self, str reason):
+        cdef bytes b = reason.encode()[:VQ_REASON_LEN - 1]
         self._broken = True
         self._ready = False
-        b = reason.encode()[:VQ_REASON_LEN - 1]
         memcpy(self._reason, <const char *>b, len(b))
         self._reason[len(b)] = 0
         raise QueueError(reason)

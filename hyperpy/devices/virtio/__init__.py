@@ -1,0 +1,1 @@
+"""virtio devices (one file each) and the virtio-pci transport."""
