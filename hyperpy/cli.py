@@ -139,8 +139,14 @@ SERIAL_HELP = (
     "Where COM1 goes: tty (this terminal), file=PATH, null (device present, output dropped) or "
     "off (no device).  Example: --serial file=/tmp/serial.log"
 )
-CONSOLE_HELP = ("Where the virtio console goes: off (the only value until the virtio device "
-                "model lands; tty, null and file=PATH are reserved).  Example: --console off")
+CONSOLE_HELP = ("Where the virtio console (hvc0) goes: off (no device), tty, null or file=PATH.  "
+                "Example: --console file=/tmp/hvc0.log")
+DISK_HELP = ("A virtio-blk disk (repeatable): path=FILE[,readonly=on][,direct=on][,num_queues=N]"
+             "[,queue_size=N][,id=SERIAL][,pci_device_id=N].  Example: --disk path=disk.img,readonly=on")
+NET_HELP = ("A virtio-net device on a host TAP (repeatable): tap=NAME[,mac=MAC][,ip=IP,mask=MASK]"
+            "[,queue_size=N][,pci_device_id=N]; the tap is created if the name is free.  "
+            "Example: --net tap=hp0,ip=192.168.249.1,mask=255.255.255.0")
+RNG_HELP = "A virtio-rng entropy device: src=FILE (default /dev/urandom).  Example: --rng src=/dev/urandom"
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
 LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
 
@@ -199,6 +205,11 @@ def run(
                                         metavar="tty|off|null|file=PATH")] = "tty",
     console: Annotated[str, typer.Option("--console", help=CONSOLE_HELP,
                                          metavar="off|tty|null|file=PATH")] = "off",
+    disk: Annotated[list[str] | None, typer.Option("--disk", help=DISK_HELP,
+                                                   metavar="path=FILE,...")] = None,
+    net: Annotated[list[str] | None, typer.Option("--net", help=NET_HELP,
+                                                  metavar="tap=NAME,...")] = None,
+    rng: Annotated[str | None, typer.Option("--rng", help=RNG_HELP, metavar="src=FILE")] = None,
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help=LOG_FILE_HELP,
                                                   metavar="PATH", dir_okay=False)] = None,
@@ -208,7 +219,8 @@ def run(
     try:
         setup_logging(verbose, log_file)
         cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
-                              cmdline=cmdline, serial=serial, console=console)
+                              cmdline=cmdline, serial=serial, console=console,
+                              disks=disk or (), nets=net or (), rng=rng)
         log.debug("configuration: %s", cfg)
         run_vm = _load_run_vm()
         status = run_vm(cfg)

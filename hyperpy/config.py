@@ -371,11 +371,6 @@ def parse_console(value: str | None) -> ConsoleConfig:
     if value is None:
         return ConsoleConfig()
     mode, path = parse_output("--console", value)
-    if mode != "off":
-        # virtio-console arrives with the virtio device model; until then say so plainly
-        # instead of accepting an option that would do nothing.
-        raise ConfigError(f"--console {value}: the virtio console is not available in this "
-                          "version of hyperpy (use --console off and --serial for output)")
     return ConsoleConfig(mode, path)
 
 

@@ -104,8 +104,10 @@ class PciBus:
                 if bar.kind is not BarKind.MEM64:
                     raise
                 addr = self._win64.allocate(bar.size)
-            device.config.add_bar(Bar(bar.index, bar.size, bar.kind, bar.prefetchable, addr))
-            self._map_bar(device, device.config.bars[bar.index], addr)
+            placed = Bar(bar.index, bar.size, bar.kind, bar.prefetchable, addr)
+            device.config.add_bar(placed)   # programs the BAR register with addr
+            placed.address = 0              # ...but nothing is mapped there yet
+            self._map_bar(device, placed, addr)
         self.devices[slot] = device
         log.info("PCI 00:%02x.0: %s", slot, device.name)
         return slot
