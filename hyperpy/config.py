@@ -477,7 +477,7 @@ def parse_net(value: str, index: int = 0) -> NetConfig:
     """``--net tap=NAME[,mac=..][,ip=..,mask=..][,num_queues=N][,queue_size=N]``."""
     import os as _os
 
-    o = split_options("--net", value, NET_KEYS)
+    o = split_options("--net", value, NET_KEYS) if value.strip() else {}
     tap = unquote(o.get("tap", "")) or f"hptap{index}"
     if len(tap.encode()) > 15 or "/" in tap or " " in tap:
         raise ConfigError(f"--net tap: {tap!r} is not a valid interface name (at most 15 characters)")

@@ -1,0 +1,109 @@
+"""--disk, --net, --rng, --console: parsing, and one-line errors for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hyperpy.config import (DiskConfig, build_vm_config, parse_disk, parse_mac, parse_net,
+                            parse_rng)
+from hyperpy.errors import ConfigError
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"\0" * 4096)
+    return p
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    k = tmp_path / "k.elf"
+    k.write_bytes(b"\x7fELF")
+    return k
+
+
+def test_disk_options(img):
+    d = parse_disk(f"path={img},readonly=on,direct=off,num_queues=2,queue_size=128,id=sys,pci_device_id=5")
+    assert d == DiskConfig(path=img, readonly=True, direct=False, num_queues=2, queue_size=128,
+                           id="sys", pci_device_id=5)
+    assert parse_disk(str(img)).path == img   # bare value is the path
+
+
+def test_net_options():
+    n = parse_net("tap=hp7,mac=52:54:00:aa:bb:cc,ip=192.168.249.1,mask=255.255.255.0")
+    assert n.tap == "hp7" and n.mac == bytes.fromhex("525400aabbcc")
+    assert n.ip == "192.168.249.1" and n.mask == "255.255.255.0"
+    auto = parse_net("", 3)
+    assert auto.tap == "hptap3" and auto.mac[:3] == b"\x52\x54\x00"
+
+
+def test_rng_options(tmp_path):
+    assert parse_rng(None) is None
+    assert parse_rng("src=/dev/urandom").src == Path("/dev/urandom")
+    assert parse_rng("").src == Path("/dev/urandom")
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("readonly=on", "path= is required"),
+    ("path=/nonexistent/x.img", "no such file"),
+    ("path={img},readonly=maybe", "readonly"),
+    ("path={img},queue_size=100", "power of two"),
+    ("path={img},queue_size=0", "queue_size"),
+    ("path={img},num_queues=0", "num_queues"),
+    ("path={img},pci_device_id=0", "pci_device_id"),
+    ("path={img},pci_device_id=32", "pci_device_id"),
+    ("path={img},colour=blue", "unknown key 'colour'"),
+])
+def test_bad_disk_values(img, value, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_disk(value.format(img=img))
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("--disk")
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("tap=hp0,mac=52:54:00:12:34", "not a MAC"),
+    ("tap=hp0,mac=01:00:00:00:00:01", "multicast"),
+    ("tap=hp0,mac=zz:54:00:12:34:56", "not a MAC"),
+    ("tap=this-name-is-far-too-long", "interface name"),
+    ("tap=hp0,ip=300.1.1.1", "not an IPv4"),
+    ("tap=hp0,mask=nope", "not an IPv4"),
+    ("tap=hp0,queue_size=3", "power of two"),
+    ("tap=hp0,speed=10G", "unknown key 'speed'"),
+])
+def test_bad_net_values(value, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_net(value)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("--net")
+
+
+def test_bad_rng_source():
+    with pytest.raises(ConfigError, match="^--rng src: no such file"):
+        parse_rng("src=/dev/does-not-exist")
+
+
+def test_duplicate_taps_and_slots(img, kernel):
+    with pytest.raises(ConfigError, match="same tap"):
+        build_vm_config(kernel=str(kernel), nets=["tap=hp0", "tap=hp0"])
+    with pytest.raises(ConfigError, match="same PCI slot"):
+        build_vm_config(kernel=str(kernel), disks=[f"path={img},pci_device_id=3"],
+                        rng="src=/dev/urandom,pci_device_id=3")
+
+
+def test_mac_parser():
+    assert parse_mac("02:00:00:00:00:01", "--net mac") == bytes([2, 0, 0, 0, 0, 1])
+
+
+def test_cli_bad_device_values_are_one_line(hyperpy_cli, img):
+    for args, needle in ((["--disk", "path=/nope.img"], "--disk path"),
+                         (["--net", "tap=hp0,mac=bad"], "--net mac"),
+                         (["--rng", "src=/nope"], "--rng src"),
+                         (["--console", "sideways"], "--console")):
+        p = hyperpy_cli("run", "--kernel", "builtin:hello", *args)
+        err = p.stderr.decode().strip()
+        assert p.returncode == 2, err
+        assert len(err.splitlines()) == 1 and needle in err, err
