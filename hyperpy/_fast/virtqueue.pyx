@@ -536,8 +536,8 @@ cdef class SplitQueue:
         cdef Chain *c = self._scratch
         cdef int r
         cdef uint32_t i
-        with nogil:
-            r = self.pop(c)
+        # Keeps the GIL: Python callers are serialized by it (the scratch chain is shared).
+        r = self.pop(c)
         if r == 0:
             return None
         if r < 0:

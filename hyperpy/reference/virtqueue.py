@@ -60,7 +60,8 @@ class SplitQueue:
         self._last_avail = self._shadow_avail = 0
         self._next_used = self._signalled_used = 0
 
-    def configure(self, desc: int, avail: int, used: int, size: int, event_idx: bool = False) -> None:
+    def configure(self, desc: int, avail: int, used: int, size: int,
+                  event_idx: bool = False) -> None:
         self.reset()
         self.size = size
         self._desc_addr, self._avail_addr, self._used_addr = desc, avail, used
