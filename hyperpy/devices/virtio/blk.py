@@ -13,6 +13,7 @@ from .device import DeviceContext, VirtioDevice
 
 log = logging.getLogger(__name__)
 SECTOR = 512
+PROCESS_BROKEN, PROCESS_NOTIFY = 1, 2   # bits of BlkWorker.process()'s result
 
 
 class Block(VirtioDevice):
@@ -53,8 +54,7 @@ class Block(VirtioDevice):
         ctx = self.ctx
         if ctx is None:
             return
-        _, notify, _ = self.worker.process(ctx.queues[index])
-        if notify:
+        if self.worker.process(ctx.queues[index]) & PROCESS_NOTIFY:
             ctx.signal_used(index)
 
     def close(self) -> None:
