@@ -145,9 +145,12 @@ class VirtualMachine:
 
         self._build_device_model(config)
 
+        rsdp = self._install_acpi(config)
+
         payload = config.payload
         self.boot: BootInfo = load_kernel(self.memory, Path(payload.kernel), payload.cmdline or "",
-                                          Path(payload.initramfs) if payload.initramfs else None)
+                                          Path(payload.initramfs) if payload.initramfs else None,
+                                          rsdp=rsdp)
         log.info("loaded %s kernel %s, entry %#x", self.boot.protocol, payload.kernel, self.boot.entry)
 
         supported = self.kvm.supported_cpuid()
@@ -224,6 +227,18 @@ class VirtualMachine:
             except Exception:
                 log.exception("closing %s failed", d.name)
         self.virtio = []
+
+    def _install_acpi(self, config) -> int:
+        """ACPI tables in guest RAM and the power-management registers they describe."""
+        from .acpi.tables import build_acpi_tables, install_acpi_tables
+        from .devices.legacy.acpi_pm import AcpiPm
+
+        self.acpi_pm = AcpiPm(on_poweroff=lambda: self.finish(VmExit(ExitReason.POWEROFF)),
+                              on_reset=lambda: self.finish(VmExit(ExitReason.RESET)))
+        self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, self.acpi_pm)
+        blob = build_acpi_tables(config.cpus.boot, config.memory.size)
+        install_acpi_tables(self.memory, blob)
+        return blob.rsdp_addr
 
     # --- interrupts and device callbacks ----------------------------------------------------
     def _serial_irq(self) -> None:

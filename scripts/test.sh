@@ -11,6 +11,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # QEMU is the differential peer for the test guests (its tests skip without it).
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# iasl/acpiexec disassemble and interpret the ACPI tables hyperpy generates.
+command -v iasl >/dev/null || need_apt+=(acpica-tools)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null) \
