@@ -188,3 +188,24 @@ def test_all_devices_together_from_the_cli(kvm, tmp_path):
     assert "Hello from hyperpy guest" in out
     for dev in ("virtio-blk", "virtio-net", "virtio-rng"):
         assert dev in err
+
+
+# --- ACPI -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cpus", [1, 3])
+def test_acpi_tables_and_poweroff(kvm, guests, cpus):
+    """The guest finds the RSDP, checks every table, and powers off through the FADT's
+    hardware-reduced sleep register: the VM ends with status 0."""
+    rc, out, err = hyperpy("--kernel", str(guests["acpi"]), "--cpus", f"boot={cpus}", "-v")
+    assert rc == 0, err
+    facts = expect.parse_acpi(out)
+    expect.check_acpi(facts, cpus=cpus, hw_reduced=True, ecam_base=0xE000_0000)
+    assert "guest power-off" in err
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_acpi_same_outcome_as_qemu(kvm, guests):
+    rc, out, err = hyperpy("--kernel", str(guests["acpi"]))
+    assert rc == 0, err
+    q = qemu(guests["acpi"], "")
+    assert expect.comparable_acpi(expect.parse_acpi(out)) == expect.comparable_acpi(expect.parse_acpi(q))

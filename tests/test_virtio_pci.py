@@ -141,3 +141,22 @@ def test_ioeventfds_follow_the_bar(setup):
     assert (0xC000_3000, False) in dev.vm.ioeventfds
     assert (0xC000_3000, True) in dev.vm.ioeventfds
     assert (0xD000_3000, False) in dev.vm.ioeventfds
+
+
+def test_pci_cfg_window_reaches_common_config(setup):
+    """VIRTIO_PCI_CAP_PCI_CFG: config-space access to BAR0, here the num_queues register."""
+    _, _, dev = setup
+    cfg = dev.config
+    cap = cfg.read(U.PCI_CAPABILITY_LIST, 1)
+    while cap and not (cfg.read(cap, 1) == U.PCI_CAP_ID_VNDR
+                       and cfg.read(cap + U.VIRTIO_PCI_CAP_CFG_TYPE, 1) == U.VIRTIO_PCI_CAP_PCI_CFG):
+        cap = cfg.read(cap + 1, 1)
+    assert cap, "no VIRTIO_PCI_CAP_PCI_CFG capability"
+    dev.config_write(cap + U.VIRTIO_PCI_CAP_BAR, 1, 0)
+    dev.config_write(cap + U.VIRTIO_PCI_CAP_OFFSET, 4, U.VIRTIO_PCI_COMMON_NUMQ)
+    dev.config_write(cap + U.VIRTIO_PCI_CAP_LENGTH, 4, 2)
+    assert dev.config_read(cap + 16, 4) == 1
+    dev.config_write(cap + U.VIRTIO_PCI_CAP_OFFSET, 4, U.VIRTIO_PCI_COMMON_Q_SELECT)
+    dev.config_write(cap + 16, 4, 0)
+    dev.config_write(cap + U.VIRTIO_PCI_CAP_OFFSET, 4, U.VIRTIO_PCI_COMMON_Q_SIZE)
+    assert dev.config_read(cap + 16, 4) == 256

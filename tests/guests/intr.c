@@ -3,6 +3,7 @@
 
 volatile uint32_t intr_stray_count;
 static bool intr_on, lapic_on;
+static irq_handler_t handlers[INTR_DYN_LAST - INTR_DYN_FIRST + 1];
 
 static void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg); }
@@ -19,6 +20,70 @@ void lapic_enable(void)
 uint32_t lapic_id(void) { return lapic_read(LAPIC_REG_ID) >> 24; }
 void lapic_eoi(void) { lapic_write(LAPIC_REG_EOI, 0); }
 
+/* ---- Entry stubs ----
+ * One 8-byte stub per vector 0..31 and INTR_DYN_FIRST..INTR_DYN_LAST: push the vector, jump to
+ * the common code, which saves the caller-saved registers, calls intr_dispatch(vector) with a
+ * 16-byte aligned stack and returns with iretq. Exceptions never return (the error code some
+ * push sits under our vector, so it does not matter). The stray stub reports vector 256; the
+ * spurious-interrupt stub returns at once (no EOI for spurious interrupts). */
+void intr_dispatch(uint64_t vector);
+extern const char intr_stubs_low[], intr_stubs_dyn[], intr_stub_stray[], intr_stub_spurious[];
+
+__asm__(
+    "    .text\n"
+    "intr_common:\n"
+    "    push %rax\n push %rcx\n push %rdx\n push %rsi\n push %rdi\n"
+    "    push %r8\n push %r9\n push %r10\n push %r11\n"
+    "    mov 72(%rsp), %rdi\n"
+    "    cld\n"
+    "    sub $8, %rsp\n"
+    "    call intr_dispatch\n"
+    "    add $8, %rsp\n"
+    "    pop %r11\n pop %r10\n pop %r9\n pop %r8\n"
+    "    pop %rdi\n pop %rsi\n pop %rdx\n pop %rcx\n pop %rax\n"
+    "    add $8, %rsp\n"
+    "    iretq\n"
+    "    .balign 8\n"
+    "intr_stubs_low:\n"
+    "    .set vec, 0\n"
+    "    .rept 32\n"
+    "    .balign 8\n"
+    "    pushq $vec\n"
+    "    jmp intr_common\n"
+    "    .set vec, vec + 1\n"
+    "    .endr\n"
+    "    .balign 8\n"
+    "intr_stubs_dyn:\n"
+    "    .set vec, 0x40\n"
+    "    .rept 16\n"
+    "    .balign 8\n"
+    "    pushq $vec\n"
+    "    jmp intr_common\n"
+    "    .set vec, vec + 1\n"
+    "    .endr\n"
+    "intr_stub_stray:\n"
+    "    pushq $256\n"
+    "    jmp intr_common\n"
+    "intr_stub_spurious:\n"
+    "    iretq\n");
+_Static_assert(INTR_DYN_FIRST == 0x40 && INTR_DYN_LAST - INTR_DYN_FIRST == 15, "stub table");
+
+void intr_dispatch(uint64_t vector)
+{
+    if (vector < 32) {
+        print("EXCEPTION ");
+        print_dec(vector);
+        putchar('\n');
+        reset();
+    }
+    if (vector >= INTR_DYN_FIRST && vector <= INTR_DYN_LAST && handlers[vector - INTR_DYN_FIRST]) {
+        handlers[vector - INTR_DYN_FIRST]((unsigned)vector);
+        return;
+    }
+    intr_stray_count++;
+    lapic_eoi();
+}
+
 /* ---- IDT ---- */
 
 struct idt_gate {
@@ -33,14 +98,13 @@ struct idt_gate {
 _Static_assert(sizeof(struct idt_gate) == 16, "64-bit IDT gate");
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
-static uint16_t code_selector;
 
-void intr_set_handler(int vector, irq_handler_t handler)
+static void set_gate(unsigned vector, const void *stub, uint16_t cs)
 {
-    uint64_t a = (uint64_t)handler;
+    uint64_t a = (uint64_t)stub;
     struct idt_gate *g = &idt[vector];
     g->offset_lo = (uint16_t)a;
-    g->selector = code_selector;
+    g->selector = cs;
     g->ist = 0;
     g->type_attr = 0x8e;
     g->offset_mid = (uint16_t)(a >> 16);
@@ -48,46 +112,15 @@ void intr_set_handler(int vector, irq_handler_t handler)
     g->reserved = 0;
 }
 
-__attribute__((noreturn)) static void exception(unsigned vector)
+void intr_set_handler(unsigned vector, irq_handler_t handler)
 {
-    print("EXCEPTION ");
-    print_dec(vector);
-    putchar('\n');
-    reset();
+    if (vector >= INTR_DYN_FIRST && vector <= INTR_DYN_LAST)
+        handlers[vector - INTR_DYN_FIRST] = handler;
 }
 
-/* One stub per exception vector, so that the report names it. None returns, so the frame
- * layout (with or without an error code) does not matter. */
-#define EXC(n) \
-    __attribute__((interrupt)) static void exc##n(struct interrupt_frame *f) { (void)f; exception(n); }
-EXC(0) EXC(1) EXC(2) EXC(3) EXC(4) EXC(5) EXC(6) EXC(7) EXC(8) EXC(9) EXC(10) EXC(11) EXC(12)
-EXC(13) EXC(14) EXC(15) EXC(16) EXC(17) EXC(18) EXC(19) EXC(20) EXC(21)
-static const irq_handler_t exception_stubs[22] = {
-    exc0, exc1, exc2, exc3, exc4, exc5, exc6, exc7, exc8, exc9, exc10, exc11, exc12, exc13,
-    exc14, exc15, exc16, exc17, exc18, exc19, exc20, exc21,
-};
-
-__attribute__((interrupt)) static void exc_other(struct interrupt_frame *f)
+static void timer_handler(unsigned vector)
 {
-    (void)f;
-    exception(99);
-}
-
-__attribute__((interrupt)) static void stray_handler(struct interrupt_frame *f)
-{
-    (void)f;
-    intr_stray_count++;
-    lapic_eoi();
-}
-
-__attribute__((interrupt)) static void spurious_handler(struct interrupt_frame *f)
-{
-    (void)f; /* spurious LAPIC interrupts take no EOI */
-}
-
-__attribute__((interrupt)) static void timer_handler(struct interrupt_frame *f)
-{
-    (void)f; /* only wakes a hlt; deadline_passed() reads the count */
+    (void)vector; /* only wakes a hlt; deadline_passed() reads the count */
     lapic_eoi();
 }
 
@@ -95,11 +128,19 @@ void intr_init(void)
 {
     if (intr_on)
         return;
-    __asm__ volatile("mov %%cs, %0" : "=r"(code_selector));
-    for (int v = 0; v < 256; v++)
-        intr_set_handler(v, v < 22 ? exception_stubs[v] : v < 32 ? exc_other : stray_handler);
+    uint16_t cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    for (unsigned v = 0; v < 256; v++) {
+        const void *stub = intr_stub_stray;
+        if (v < 32)
+            stub = intr_stubs_low + 8 * v;
+        else if (v >= INTR_DYN_FIRST && v <= INTR_DYN_LAST)
+            stub = intr_stubs_dyn + 8 * (v - INTR_DYN_FIRST);
+        else if (v == SPURIOUS_VECTOR)
+            stub = intr_stub_spurious;
+        set_gate(v, stub, cs);
+    }
     intr_set_handler(TIMER_VECTOR, timer_handler);
-    intr_set_handler(SPURIOUS_VECTOR, spurious_handler);
     struct __attribute__((packed)) {
         uint16_t limit;
         uint64_t base;

@@ -25,14 +25,18 @@
 
 #define TIMER_VECTOR 0x40
 #define SPURIOUS_VECTOR 0xff
+#define INTR_DYN_FIRST 0x40 /* vectors that can take a handler: 0x40..0x4f */
+#define INTR_DYN_LAST 0x4f
 
-struct interrupt_frame;
-typedef void (*irq_handler_t)(struct interrupt_frame *);
+/* Interrupt handlers are plain C functions, called by a common assembly stub (which saves the
+ * caller-saved registers) with the vector number; a handler must send its own EOI. */
+typedef void (*irq_handler_t)(unsigned vector);
 
-/* IDT (exceptions print "EXCEPTION <vector>" and reset; other vectors EOI and count as
- * stray), 8259 PICs and LINT0 masked, LAPIC software-enabled, then `sti`. */
+/* IDT (exceptions print "EXCEPTION <vector>" and reset; vectors without a handler EOI and
+ * count as stray), 8259 PICs and LINT0 masked, LAPIC software-enabled, then `sti`. */
 void intr_init(void);
-void intr_set_handler(int vector, irq_handler_t handler);
+/* vector in INTR_DYN_FIRST..INTR_DYN_LAST (other vectors are ignored). */
+void intr_set_handler(unsigned vector, irq_handler_t handler);
 bool intr_enabled(void);
 extern volatile uint32_t intr_stray_count;
 

@@ -94,7 +94,82 @@ void pci_enable(const struct pci_dev *d)
     pci_write16(d, PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
 }
 
-static uint64_t mmio_next = PCI_MMIO_ALLOC_BASE;
+/* ---- BAR sizing and placement ---- */
+
+/* Size of the memory BAR at `reg` (decoding must be off); 0 if it is not implemented. */
+static uint64_t bar_size(const struct pci_dev *d, uint16_t reg, bool is64)
+{
+    uint32_t lo = pci_read32(d, reg), hi = is64 ? pci_read32(d, reg + 4) : 0;
+    pci_write32(d, reg, 0xffffffffu);
+    uint64_t mask = pci_read32(d, reg) & ~0xfull;
+    pci_write32(d, reg, lo);
+    if (is64) {
+        pci_write32(d, reg + 4, 0xffffffffu);
+        mask |= (uint64_t)pci_read32(d, reg + 4) << 32;
+        pci_write32(d, reg + 4, hi);
+    } else if (mask) {
+        mask |= 0xffffffff00000000ull;
+    }
+    return mask ? ~mask + 1 : 0;
+}
+
+/* Memory ranges already decoded in the allocation window: what the VMM/firmware placed on
+ * bus 0 (collected once, at the first assignment) and what we placed since. */
+#define MAX_USED 48
+static struct { uint64_t base, end; } used[MAX_USED];
+static int n_used = -1; /* -1: not collected yet */
+
+static void add_used(uint64_t base, uint64_t size)
+{
+    if (n_used < MAX_USED && size && base < PCI_MMIO_ALLOC_END && base + size > PCI_MMIO_ALLOC_BASE) {
+        used[n_used].base = base;
+        used[n_used].end = base + size;
+        n_used++;
+    }
+}
+
+static bool collect_used(const struct pci_dev *d, void *ctx)
+{
+    (void)ctx;
+    uint16_t cmd = pci_read16(d, PCI_COMMAND);
+    pci_write16(d, PCI_COMMAND, cmd & ~(PCI_COMMAND_MEMORY | PCI_COMMAND_IO));
+    for (int b = 0; b < 6; b++) {
+        uint16_t reg = PCI_BASE_ADDRESS_0 + 4 * b;
+        uint32_t lo = pci_read32(d, reg);
+        if (lo & PCI_BASE_ADDRESS_SPACE_IO)
+            continue;
+        bool is64 = (lo & PCI_BASE_ADDRESS_MEM_TYPE_MASK) == PCI_BASE_ADDRESS_MEM_TYPE_64 && b < 5;
+        uint64_t base = (lo & ~0xfull) | (is64 ? (uint64_t)pci_read32(d, reg + 4) << 32 : 0);
+        if (base)
+            add_used(base, bar_size(d, reg, is64));
+        b += is64;
+    }
+    pci_write16(d, PCI_COMMAND, cmd);
+    return false;
+}
+
+/* Lowest naturally aligned free range of `size` bytes in the window; 0 if none. */
+static uint64_t alloc_mmio(uint64_t size)
+{
+    if (n_used < 0) {
+        n_used = 0;
+        pci_scan(collect_used, NULL);
+    }
+    uint64_t cand = PCI_MMIO_ALLOC_BASE;
+    for (bool moved = true; moved;) {
+        moved = false;
+        cand = (cand + size - 1) & ~(size - 1);
+        for (int i = 0; i < n_used; i++)
+            if (cand < used[i].end && used[i].base < cand + size) {
+                cand = used[i].end;
+                moved = true;
+            }
+    }
+    if (cand + size > PCI_MMIO_ALLOC_END)
+        return 0;
+    add_used(cand, size);
+    return cand;
+}
 
 uint64_t pci_bar(const struct pci_dev *d, int bar, bool *is_io)
 {
@@ -113,29 +188,17 @@ uint64_t pci_bar(const struct pci_dev *d, int bar, bool *is_io)
     if (base)
         return base;
 
-    /* Unassigned: size it with decoding off, then place it naturally aligned. */
+    /* Unassigned: size it with decoding off, then place it in a free, aligned range. */
     uint16_t cmd = pci_read16(d, PCI_COMMAND);
     pci_write16(d, PCI_COMMAND, cmd & ~(PCI_COMMAND_MEMORY | PCI_COMMAND_IO));
-    pci_write32(d, reg, 0xffffffffu);
-    uint64_t mask = pci_read32(d, reg) & ~0xfull;
-    if (is64) {
-        pci_write32(d, reg + 4, 0xffffffffu);
-        mask |= (uint64_t)pci_read32(d, reg + 4) << 32;
-    } else {
-        mask |= 0xffffffff00000000ull;
+    uint64_t size = bar_size(d, reg, is64);
+    base = size && size <= 0x10000000ull ? alloc_mmio(size) : 0;
+    if (base) {
+        pci_write32(d, reg, (uint32_t)base);
+        if (is64)
+            pci_write32(d, reg + 4, (uint32_t)(base >> 32));
     }
-    uint64_t size = ~mask + 1;
-    if (mask == 0 || size > 0x10000000ull) {
-        pci_write32(d, reg, lo);
-        pci_write16(d, PCI_COMMAND, cmd);
-        return 0;
-    }
-    base = (mmio_next + size - 1) & ~(size - 1);
-    mmio_next = base + size;
-    pci_write32(d, reg, (uint32_t)base);
-    if (is64)
-        pci_write32(d, reg + 4, (uint32_t)(base >> 32));
-    pci_write16(d, PCI_COMMAND, cmd | PCI_COMMAND_MEMORY);
+    pci_write16(d, PCI_COMMAND, base ? cmd | PCI_COMMAND_MEMORY : cmd);
     return base;
 }
 

@@ -1,7 +1,9 @@
 /* PCI for the device guests: configuration mechanism #1 (ports 0xCF8/0xCFC), bus 0 only.
  *
  * BARs are used where the VMM or firmware placed them; only a memory BAR that reads as 0 is
- * assigned, from a bump allocator at 0xC0000000 (for a VMM that leaves BARs unassigned).
+ * assigned (for a VMM that leaves BARs unassigned): sized, then placed at the lowest naturally
+ * aligned address from 0xC0000000 that no other bus-0 memory BAR decodes (their ranges are
+ * sized once, at the first assignment, each device's decoding off meanwhile).
  * Memory BARs above 4 GiB are identity-mapped on demand (pci_map), since the entry runtime
  * maps only the first 4 GiB.
  */
@@ -38,7 +40,8 @@
 #define PCI_MSIX_TABLE 4             /* table offset | BIR */
 #define PCI_MSIX_TABLE_BIR 0x7
 
-#define PCI_MMIO_ALLOC_BASE 0xc0000000ull
+#define PCI_MMIO_ALLOC_BASE 0xc0000000ull /* window for BARs we place: [BASE, END) */
+#define PCI_MMIO_ALLOC_END 0xfec00000ull  /* the IOAPIC, LAPIC and firmware lie above */
 
 struct pci_dev {
     uint8_t bus, dev, fn;

@@ -2,9 +2,13 @@
  *
  * Transport: virtio 1.x section 4.1 (PCI capabilities COMMON/NOTIFY/ISR/DEVICE/PCI), split
  * virtqueues (section 2.7), status handshake (3.1.1). Completions are polled from the used ring
- * unless `irq` is on the command line: then MSI-X is enabled (vector VIRTIO_QUEUE_VECTOR for
- * every queue through table entry 0, VIRTIO_CONFIG_VECTOR for configuration changes through
- * entry 1) and each completion must also raise its interrupt.
+ * unless `irq` is on the command line: then MSI-X is enabled and each completion must also
+ * raise its interrupt. MSI-X table entry e delivers IDT vector VIRTIO_MSIX_VECTOR_BASE + e to
+ * this CPU; entry 0 takes configuration changes, queue i uses entry 1 + i (the last entry when
+ * the table is smaller; entry 0 for everything when it has one entry).
+ *
+ * cmdline: `irq` (above), `timeout=MS` (per request, default 5000), `zerobars` (test aid: clear
+ * the device's memory BARs first, so that pci_bar() assigns them from 0xC0000000).
  *
  * Output lines start with the guest's prefix ("BLK", "NET", ...): "<P> pci bb:dd.f vvvv:dddd",
  * "<P> caps ..." (informational), and "<P> FAIL <reason>" on a fatal error (then reset).
@@ -16,20 +20,17 @@
 #include "intr.h"
 #include "pci.h"
 
-#include <linux/virtio_config.h>
-#include <linux/virtio_pci.h>
-#include <linux/virtio_ring.h>
+#include "virtio_defs.h"
 
 #define VIRTIO_PCI_VENDOR 0x1af4
 #define VIRTIO_PCI_MODERN_DEVICE_BASE 0x1040 /* device id = 0x1040 + virtio device type */
-#define VIRTIO_PCI_TRANSITIONAL_BASE 0x0fff  /* transitional: 0x1000 + type - 1 (net 0x1000, blk 0x1001, console 0x1003, rng 0x1005) */
 #define VIRTIO_TYPE_NET 1
 #define VIRTIO_TYPE_BLOCK 2
 #define VIRTIO_TYPE_CONSOLE 3
 #define VIRTIO_TYPE_RNG 4
 
-#define VIRTIO_QUEUE_VECTOR 0x50
-#define VIRTIO_CONFIG_VECTOR 0x51
+#define VIRTIO_MSIX_VECTOR_BASE 0x48 /* .. 0x4f: within intr.h's INTR_DYN range */
+#define VIRTIO_MSIX_MAX 8   /* table entries programmed at most */
 #define VQ_MAX_SIZE 64      /* queue size used: min(device maximum, this), a power of two */
 #define VIRTIO_MAX_QUEUES 4
 #define VIRTIO_DEFAULT_TIMEOUT_MS 5000
@@ -44,6 +45,9 @@ struct virtq {
     struct vring_avail *avail;
     volatile struct vring_used *used;
     uint64_t notify_addr;
+    uint16_t msix_entry;   /* with irq: the MSI-X entry of this queue */
+    uint16_t irq_covered;  /* with irq: used entries below this index came after an interrupt */
+    uint32_t irq_snapshot; /* with irq: virtio_irq_counts[msix_entry] when last looked at */
 };
 
 struct virtio_dev {
@@ -67,11 +71,12 @@ struct vbuf {
     bool device_writes; /* VRING_DESC_F_WRITE */
 };
 
-extern volatile uint32_t virtio_irq_count, virtio_config_irq_count;
+extern volatile uint32_t virtio_irq_counts[VIRTIO_MSIX_MAX]; /* interrupts per MSI-X entry */
 
 __attribute__((noreturn)) void virtio_fail(const struct virtio_dev *d, const char *why);
 
-/* Finds device `type` (modern id 0x1040+type, else transitional), prints "<P> pci ...",
+/* Finds device `type` (modern id 0x1040+type, else its transitional id: net 0x1000, block
+ * 0x1001, console 0x1003, entropy 0x1005; through its modern capabilities), prints "<P> pci ...",
  * maps its capabilities, enables MSI-X when `irq` is on the command line, resets it and
  * negotiates: features = device features & (wanted | VERSION_1 | ACCESS_PLATFORM).
  * Fails (prints, resets) if the device is missing, lacks VERSION_1 or rejects FEATURES_OK.
@@ -81,6 +86,10 @@ void virtio_init(struct virtio_dev *d, const char *prefix, unsigned type, uint64
 struct virtq *virtio_setup_queue(struct virtio_dev *d, uint16_t index);
 void virtio_driver_ok(struct virtio_dev *d);
 void virtio_reset(struct virtio_dev *d);
+/* Ends a guest: with irq prints "<P> irq OK <completions waited by interrupt>", else
+ * "<P> isr 0x<ISR status read>" (bit 0 must be set after completions without MSI-X), resets
+ * the device, prints "<P> done". */
+void virtio_finish(struct virtio_dev *d);
 static inline bool virtio_has(const struct virtio_dev *d, unsigned bit) { return d->features >> bit & 1; }
 
 /* Device-specific configuration, at the access width the name says. */

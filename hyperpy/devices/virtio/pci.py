@@ -82,16 +82,36 @@ class VirtioPciDevice(PciDevice):
         self._add_virtio_cap(U.VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, max(4, len(device.config)))
         self._add_virtio_cap(U.VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, NOTIFY_MULTIPLIER * nq,
                              struct.pack("<I", NOTIFY_MULTIPLIER))
+        # VIRTIO_PCI_CAP_PCI_CFG: a window into the BARs through config space (virtio 1.x
+        # 4.1.4.7: the device must offer it). bar (byte 4), offset and length (bytes 8-15) are
+        # driver-writable; pci_cfg_data (bytes 16-19) reads/writes the selected BAR bytes.
+        self._pci_cfg = self._add_virtio_cap(U.VIRTIO_PCI_CAP_PCI_CFG, 0, 0, b"\0" * 4,
+                                             wmask=b"\0\0\xff\0\0\0" + b"\xff" * 12)
         self.msix.add_capability(cfg, BAR_INDEX, MSIX_TABLE_OFF, MSIX_PBA_OFF)
         for i, q in enumerate(self.queues):
             loop.add(q.kick_fd, lambda i=i: self._kicked(i))
 
-    def _add_virtio_cap(self, cfg_type: int, offset: int, length: int, extra: bytes = b"") -> None:
+    def _add_virtio_cap(self, cfg_type: int, offset: int, length: int, extra: bytes = b"",
+                        wmask: bytes | None = None) -> int:
         # struct virtio_pci_cap after the id/next bytes: cap_len, cfg_type, bar, id, padding[2],
         # offset, length (+ notify_off_multiplier for the notify capability).
         cap_len = 16 + len(extra)
         body = struct.pack("<BBBBxxII", cap_len, cfg_type, BAR_INDEX, 0, offset, length) + extra
-        self.config.add_capability(U.PCI_CAP_ID_VNDR, body)
+        return self.config.add_capability(U.PCI_CAP_ID_VNDR, body, wmask)
+
+    def _pci_cfg_window(self) -> tuple[int, int, int]:
+        c = self._pci_cfg
+        return (self.config.get(c + U.VIRTIO_PCI_CAP_BAR, 1), self.config.get(c + U.VIRTIO_PCI_CAP_OFFSET, 4),
+                self.config.get(c + U.VIRTIO_PCI_CAP_LENGTH, 4))
+
+    def config_read(self, offset: int, size: int) -> int:
+        data = self._pci_cfg + 16
+        if offset == data:
+            bar, off, length = self._pci_cfg_window()
+            if bar == BAR_INDEX and length in (1, 2, 4) and off + length <= BAR_SIZE:
+                return self.bar_read(bar, off, length)
+            return 0
+        return super().config_read(offset, size)
 
     def _reset_registers(self) -> None:
         self.status = 0
@@ -109,6 +129,11 @@ class VirtioPciDevice(PciDevice):
 
     # --- PCI hooks --------------------------------------------------------------------------
     def config_write(self, offset: int, size: int, value: int) -> None:
+        if offset == self._pci_cfg + 16:
+            bar, off, length = self._pci_cfg_window()
+            if bar == BAR_INDEX and length in (1, 2, 4) and off + length <= BAR_SIZE:
+                self.bar_write(bar, off, length, value & ((1 << (8 * length)) - 1))
+            return
         super().config_write(offset, size, value)
         cap = self.msix.cap_offset
         if offset <= cap + 2 < offset + size:   # message control of the MSI-X capability
