@@ -209,3 +209,27 @@ def test_acpi_same_outcome_as_qemu(kvm, guests):
     assert rc == 0, err
     q = qemu(guests["acpi"], "")
     assert expect.comparable_acpi(expect.parse_acpi(out)) == expect.comparable_acpi(expect.parse_acpi(q))
+
+
+def test_console_input_from_interactive_stdin(kvm, guests, tmp_path):
+    """--console tty on a terminal: typed bytes reach hvc0's receive queue."""
+    import pty
+
+    serial = tmp_path / "serial.log"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+                             "--kernel", str(guests["virtio_console"]), "--cmdline", "rxwait=20000",
+                             "--serial", f"file={serial}", "--console", "tty"],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    os.close(slave)
+    try:
+        time.sleep(1.0)
+        os.write(master, b"typed")
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert rc == 0, proc.stderr.read().decode()
+    facts = expect.parse_console(serial.read_text())
+    expect.check_console(facts, rx_text="typed")
