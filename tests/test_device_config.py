@@ -107,3 +107,36 @@ def test_cli_bad_device_values_are_one_line(hyperpy_cli, img):
         err = p.stderr.decode().strip()
         assert p.returncode == 2, err
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_iommu_options():
+    from hyperpy.config import parse_iommu
+
+    assert parse_iommu(None) is None
+    c = parse_iommu("page_sizes=4K,2M,1G,bypass=on")
+    assert c.page_sizes == (4096, 2 << 20, 1 << 30) and c.bypass
+    assert parse_iommu("page_sizes=[2M]").page_sizes == (2 << 20,)
+    for bad, needle in (("page_sizes=3K", "powers of two"), ("bypass=perhaps", "bypass"),
+                        ("colour=red", "unknown key")):
+        with pytest.raises(ConfigError) as e:
+            parse_iommu(bad)
+        assert needle in str(e.value) and str(e.value).startswith("--iommu")
+
+
+def test_device_options_and_simulation_label(tmp_path):
+    from hyperpy.config import parse_device
+
+    d = parse_device("path=sim:gpu0,iommu=on,entry_limit=1000")
+    assert d.simulated and d.iommu and d.entry_limit == 1000
+    with pytest.raises(ConfigError, match="no such device"):
+        parse_device("path=/sys/bus/pci/devices/0000:99:99.9")
+    with pytest.raises(ConfigError, match="only for simulated devices"):
+        parse_device(f"path={tmp_path},entry_limit=5")
+
+
+def test_iommu_on_implies_a_virtio_iommu(img, kernel):
+    cfg = build_vm_config(kernel=str(kernel), disks=[f"path={img},iommu=on"], console="null,iommu=on",
+                          serial="off")
+    assert cfg.iommu is not None
+    assert [type(e).__name__ for e in cfg.iommu_endpoints()] == ["DiskConfig", "ConsoleConfig"]
+    assert build_vm_config(kernel=str(kernel), disks=[f"path={img}"]).iommu is None
