@@ -260,7 +260,7 @@ struct virtq *virtio_setup_queue(struct virtio_dev *d, uint16_t index)
         size >>= 1;
     w16(COMMON(d, queue_size), size);
 
-    uint8_t *mem = ring_pages[index];
+    uint8_t *mem = d->ring_mem ? d->ring_mem + 4096 * index : ring_pages[index];
     memset(mem, 0, 4096);
     q->index = index;
     q->size = size;
@@ -273,12 +273,15 @@ struct virtq *virtio_setup_queue(struct virtio_dev *d, uint16_t index)
     q->num_free = size;
     q->avail_idx = q->last_used = 0;
 
-    w32(COMMON(d, queue_desc_lo), (uint32_t)(uint64_t)q->desc);
-    w32(COMMON(d, queue_desc_hi), (uint32_t)((uint64_t)q->desc >> 32));
-    w32(COMMON(d, queue_avail_lo), (uint32_t)(uint64_t)q->avail);
-    w32(COMMON(d, queue_avail_hi), (uint32_t)((uint64_t)q->avail >> 32));
-    w32(COMMON(d, queue_used_lo), (uint32_t)(uint64_t)q->used);
-    w32(COMMON(d, queue_used_hi), (uint32_t)((uint64_t)q->used >> 32));
+    q->dma_offset = d->dma_offset;
+    uint64_t desc = (uint64_t)q->desc + q->dma_offset, avail = (uint64_t)q->avail + q->dma_offset;
+    uint64_t used = (uint64_t)q->used + q->dma_offset;
+    w32(COMMON(d, queue_desc_lo), (uint32_t)desc);
+    w32(COMMON(d, queue_desc_hi), (uint32_t)(desc >> 32));
+    w32(COMMON(d, queue_avail_lo), (uint32_t)avail);
+    w32(COMMON(d, queue_avail_hi), (uint32_t)(avail >> 32));
+    w32(COMMON(d, queue_used_lo), (uint32_t)used);
+    w32(COMMON(d, queue_used_hi), (uint32_t)(used >> 32));
     if (d->use_irq) {
         q->msix_entry = queue_entry(d, index);
         w16(COMMON(d, queue_msix_vector), q->msix_entry);
@@ -370,7 +373,7 @@ int virtq_add(struct virtq *q, const struct vbuf *bufs, int n)
     uint16_t head = q->free_head, i = head;
     for (int k = 0; k < n; k++) {
         struct vring_desc *desc = &q->desc[i];
-        desc->addr = (uint64_t)bufs[k].addr;
+        desc->addr = (uint64_t)bufs[k].addr + q->dma_offset;
         desc->len = bufs[k].len;
         desc->flags = (uint16_t)((k + 1 < n ? VRING_DESC_F_NEXT : 0) |
                                  (bufs[k].device_writes ? VRING_DESC_F_WRITE : 0));

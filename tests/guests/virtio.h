@@ -28,6 +28,7 @@
 #define VIRTIO_TYPE_BLOCK 2
 #define VIRTIO_TYPE_CONSOLE 3
 #define VIRTIO_TYPE_RNG 4
+#define VIRTIO_TYPE_IOMMU 23
 
 #define VIRTIO_MSIX_VECTOR_BASE 0x48 /* .. 0x4f: within intr.h's INTR_DYN range */
 #define VIRTIO_MSIX_MAX 8   /* table entries programmed at most */
@@ -48,6 +49,7 @@ struct virtq {
     uint16_t msix_entry;   /* with irq: the MSI-X entry of this queue */
     uint16_t irq_covered;  /* with irq: used entries below this index came after an interrupt */
     uint32_t irq_snapshot; /* with irq: virtio_irq_counts[msix_entry] when last looked at */
+    uint64_t dma_offset;   /* added to every address given to the device (virtio_dev's) */
 };
 
 struct virtio_dev {
@@ -62,6 +64,12 @@ struct virtio_dev {
     uint64_t msix_table;
     uint32_t irqs_waited; /* completions that arrived with their interrupt */
     uint32_t timeout_ms;
+    /* Set between virtio_init and virtio_setup_queue (both 0 by default): ring_mem, one 4 KiB
+     * page per queue index instead of the static ring pages; dma_offset, added to the ring and
+     * buffer addresses the device is given (device address = guest address + dma_offset, e.g.
+     * an IOVA window behind an IOMMU). */
+    uint8_t *ring_mem;
+    uint64_t dma_offset;
     struct virtq vq[VIRTIO_MAX_QUEUES];
 };
 
