@@ -143,7 +143,7 @@ CONSOLE_HELP = ("Where the virtio console (hvc0) goes: off (no device), tty, nul
                 "Example: --console file=/tmp/hvc0.log")
 DISK_HELP = ("A virtio-blk disk (repeatable): path=FILE[,readonly=on][,direct=on][,num_queues=N]"
              "[,queue_size=N][,id=SERIAL][,pci_device_id=N].  Example: --disk path=disk.img,readonly=on")
-NET_HELP = ("A virtio-net device on a host TAP (repeatable): tap=NAME[,mac=MAC][,ip=IP,mask=MASK]"
+NET_HELP = ("A virtio-net device on a host TAP (repeatable): tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N]"
             "[,queue_size=N][,pci_device_id=N]; the tap is created if the name is free.  "
             "Example: --net tap=hp0,ip=192.168.249.1,mask=255.255.255.0")
 RNG_HELP = "A virtio-rng entropy device: src=FILE (default /dev/urandom).  Example: --rng src=/dev/urandom"

@@ -492,7 +492,10 @@ def parse_net(value: str, index: int = 0) -> NetConfig:
         raise ConfigError(f"--net tap: {tap!r} is not a valid interface name (at most 15 characters)")
     # Default MAC: locally administered (0x52 0x54 0x00 like QEMU/cloud-hypervisor) + random.
     mac = parse_mac(o["mac"], "--net mac") if "mac" in o else bytes([0x52, 0x54, 0x00]) + _os.urandom(3)
-    nq = parse_int(o["num_queues"], "--net num_queues", 2, 2) if "num_queues" in o else 2
+    nq = parse_int(o["num_queues"], "--net num_queues", 2, 16) if "num_queues" in o else 2
+    if nq % 2:
+        raise ConfigError(f"--net num_queues: {nq} is odd (give an even number, 2 to 16: "
+                          "one rx and one tx queue per pair)")
     return NetConfig(
         tap=tap, mac=mac,
         ip=_ipv4(o["ip"], "--net ip") if "ip" in o else None,

@@ -204,7 +204,8 @@ class VirtualMachine:
             self._plug(Block(d.path, readonly=d.readonly, direct=d.direct, num_queues=d.num_queues,
                              queue_size=d.queue_size, serial=d.id), d.pci_device_id)
         for n in config.nets:
-            self._plug(Net(n.tap, n.mac, ip=n.ip, mask=n.mask, queue_size=n.queue_size), n.pci_device_id)
+            self._plug(Net(n.tap, n.mac, ip=n.ip, mask=n.mask, queue_size=n.queue_size,
+                           num_queues=n.num_queues), n.pci_device_id)
         if config.rng is not None:
             self._plug(Rng(config.rng.src), config.rng.pci_device_id)
 

@@ -3,7 +3,8 @@
 
 Frames move with one ``readv``/``writev`` on iovecs that point into guest RAM: the tap's vnet
 header has the same layout as the driver's ``struct virtio_net_hdr_v1``, so nothing is copied.
-TAP constants and ``struct virtio_net_config`` come from the UAPI headers.
+TAP constants (multi-queue ones included), ``struct virtio_net_config`` and the control-queue
+structures come from the UAPI headers.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -29,10 +30,14 @@ cdef extern from "<linux/if_tun.h>":
     const unsigned long _TUNSETIFF "TUNSETIFF"
     const unsigned long _TUNSETVNETHDRSZ "TUNSETVNETHDRSZ"
     const unsigned long _TUNSETOFFLOAD "TUNSETOFFLOAD"
+    const unsigned long _TUNSETQUEUE "TUNSETQUEUE"
     enum:
         _IFF_TAP "IFF_TAP"
         _IFF_NO_PI "IFF_NO_PI"
         _IFF_VNET_HDR "IFF_VNET_HDR"
+        _IFF_MULTI_QUEUE "IFF_MULTI_QUEUE"
+        _IFF_ATTACH_QUEUE "IFF_ATTACH_QUEUE"
+        _IFF_DETACH_QUEUE "IFF_DETACH_QUEUE"
 
 cdef extern from "<linux/virtio_net.h>" nogil:
     struct virtio_net_hdr_v1:
@@ -46,6 +51,11 @@ cdef extern from "<linux/virtio_net.h>" nogil:
         uint16_t status
         uint16_t max_virtqueue_pairs
         uint16_t mtu
+    struct virtio_net_ctrl_hdr:
+        uint8_t cls "class"
+        uint8_t cmd
+    struct virtio_net_ctrl_mq:
+        uint16_t virtqueue_pairs
 
 TUNSETIFF = _TUNSETIFF
 TUNSETVNETHDRSZ = _TUNSETVNETHDRSZ
@@ -53,7 +63,13 @@ TUNSETOFFLOAD = _TUNSETOFFLOAD
 IFF_TAP = _IFF_TAP
 IFF_NO_PI = _IFF_NO_PI
 IFF_VNET_HDR = _IFF_VNET_HDR
+IFF_MULTI_QUEUE = _IFF_MULTI_QUEUE
+IFF_ATTACH_QUEUE = _IFF_ATTACH_QUEUE
+IFF_DETACH_QUEUE = _IFF_DETACH_QUEUE
+TUNSETQUEUE = _TUNSETQUEUE
 VNET_HDR_SIZE = sizeof(virtio_net_hdr_v1)
+CTRL_HDR_SIZE = sizeof(virtio_net_ctrl_hdr)      # struct virtio_net_ctrl_hdr {class, cmd}
+CTRL_MQ_SIZE = sizeof(virtio_net_ctrl_mq)        # VQ_PAIRS_SET data: le16 virtqueue_pairs
 
 
 def net_config(bytes mac, uint16_t status, uint16_t pairs, uint16_t mtu):
