@@ -147,6 +147,13 @@ NET_HELP = ("A virtio-net device on a host TAP (repeatable): tap=NAME[,mac=MAC][
             "[,queue_size=N][,pci_device_id=N]; the tap is created if the name is free.  "
             "Example: --net tap=hp0,ip=192.168.249.1,mask=255.255.255.0")
 RNG_HELP = "A virtio-rng entropy device: src=FILE (default /dev/urandom).  Example: --rng src=/dev/urandom"
+IOMMU_HELP = ("The virtio-iommu that iommu=on devices sit behind (added automatically when a device "
+              "says iommu=on): [page_sizes=4K,2M,1G][,bypass=on][,max_mappings=N][,max_domains=N].  "
+              "Example: --iommu page_sizes=4K,2M")
+DEVICE_HELP = ("A VFIO device (repeatable): path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on], or "
+               "path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS] for the SIMULATED type1 "
+               "container (hosts without /dev/vfio; tests and benchmarks).  "
+               "Example: --device path=sim:gpu0,iommu=on")
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
 LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
 
@@ -210,6 +217,10 @@ def run(
     net: Annotated[list[str] | None, typer.Option("--net", help=NET_HELP,
                                                   metavar="tap=NAME,...")] = None,
     rng: Annotated[str | None, typer.Option("--rng", help=RNG_HELP, metavar="src=FILE")] = None,
+    iommu: Annotated[str | None, typer.Option("--iommu", help=IOMMU_HELP,
+                                              metavar="page_sizes=4K,2M,1G,...")] = None,
+    device: Annotated[list[str] | None, typer.Option("--device", help=DEVICE_HELP,
+                                                     metavar="path=...,iommu=on")] = None,
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help=LOG_FILE_HELP,
                                                   metavar="PATH", dir_okay=False)] = None,
@@ -220,7 +231,8 @@ def run(
         setup_logging(verbose, log_file)
         cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
                               cmdline=cmdline, serial=serial, console=console,
-                              disks=disk or (), nets=net or (), rng=rng)
+                              disks=disk or (), nets=net or (), rng=rng, iommu=iommu,
+                              devices=device or ())
         log.debug("configuration: %s", cfg)
         run_vm = _load_run_vm()
         status = run_vm(cfg)

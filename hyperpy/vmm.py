@@ -23,7 +23,8 @@ from .boot import BootInfo, load_kernel
 from .devices.legacy.boot_timer import BootTime, BootTimer
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.serial import Serial
-from .errors import ConfigError, HyperpyError
+from ._fast import uapi as U
+from .errors import ConfigError, DeviceError, HyperpyError
 from .irq import InterruptRouter
 from .memory import create_guest_memory
 from .vcpu_setup import setup_vcpu
@@ -180,6 +181,7 @@ class VirtualMachine:
         self.mmio_bus.register(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, PciConfigMmio(self.pci))
         self.pci.add(PciHostBridge(), 0)
         self.virtio: list = []
+        self.vfio_devices: list = []
         try:
             self._add_virtio_devices(config)
         except BaseException:
@@ -192,37 +194,101 @@ class VirtualMachine:
         from .devices.virtio.net import Net
         from .devices.virtio.rng import Rng
 
+        self.iommu_core = None
+        self.iommu_endpoints: list[int] = []
+        self.vfio_mappers: dict[int, object] = {}
+        if config.iommu is not None:
+            self._add_iommu(config.iommu)
         if config.console.mode != "off":
             fd, owned = _serial_fd(config.console)
             if owned:
                 self._owned_fds.append(fd)
             self.console = Console(fd)
-            self._plug(self.console, None)
+            self._plug(self.console, None, config.console.iommu)
         else:
             self.console = None
         for d in config.disks:
             self._plug(Block(d.path, readonly=d.readonly, direct=d.direct, num_queues=d.num_queues,
-                             queue_size=d.queue_size, serial=d.id), d.pci_device_id)
+                             queue_size=d.queue_size, serial=d.id), d.pci_device_id, d.iommu)
         for n in config.nets:
             self._plug(Net(n.tap, n.mac, ip=n.ip, mask=n.mask, queue_size=n.queue_size,
-                           num_queues=n.num_queues), n.pci_device_id)
+                           num_queues=n.num_queues), n.pci_device_id, n.iommu)
         if config.rng is not None:
-            self._plug(Rng(config.rng.src), config.rng.pci_device_id)
+            self._plug(Rng(config.rng.src), config.rng.pci_device_id, config.rng.iommu)
+        for dev in config.devices:
+            self._add_vfio_device(dev)
 
-    def _plug(self, device, slot) -> None:
+    def _add_iommu(self, cfg) -> None:
+        """The virtio-iommu: its Cython core, and its PCI function (plugged first)."""
+        from ._fast.iommu import VirtioIommuCore
+        from .devices.virtio.iommu import Iommu
+
+        self.iommu_core = VirtioIommuCore(
+            page_size_mask=sum(cfg.page_sizes), bypass=cfg.bypass, max_domains=cfg.max_domains,
+            max_mappings=cfg.max_mappings, mem=self.memory, listener_factory=self._domain_listener,
+            # An unknown request type gets UNSUPP in its tail (QEMU does the same): a driver that
+            # reads the tail of a zero-length completion would see a stale status otherwise.
+            unsupp_unknown_type=True)
+        self.iommu_slot = self._plug(Iommu(self.iommu_core), cfg.pci_device_id)
+
+    def _domain_listener(self, domain: int, endpoint: int | None = None):
+        """The host DMA listener of a new IOMMU domain: a VFIO endpoint's mapper, else none."""
+        return self.vfio_mappers.get(endpoint) if endpoint is not None else None
+
+    def _add_vfio_device(self, dev) -> None:
+        from ._fast.vfio import VfioDmaMapper
+        from .devices.vfio_pci import SimulatedVfioPciDevice
+        from .vfio.container import open_container
+
+        if not dev.simulated:
+            # Opening the container gives the one-line reason when this host cannot do VFIO.
+            open_container(dev.path)
+            raise DeviceError(f"--device {dev.path}: passing a host device's BARs and interrupts "
+                              "through is not implemented yet",
+                              "use path=sim:NAME for the simulated VFIO container")
+        container = open_container(dev.path, entry_limit=dev.entry_limit, pin_ns_per_page=dev.pin_ns)
+        slot = self.pci.free_slot() if dev.pci_device_id is None else dev.pci_device_id
+        endpoint = slot << 3
+        mapper = VfioDmaMapper(self.memory, container, batching=True)
+        pci_dev = SimulatedVfioPciDevice(dev.path, container, mapper)
+        self.pci.add(pci_dev, slot)
+        self.vfio_devices.append(pci_dev)
+        if dev.iommu:
+            self.vfio_mappers[endpoint] = mapper
+            self.iommu_core.add_endpoint(endpoint)
+            self.iommu_endpoints.append(endpoint)
+        else:
+            # Without a vIOMMU the device may DMA anywhere in guest RAM: map all of it now.
+            for gpa, size, _host in self.memory.regions:
+                mapper.map_py(gpa, size, gpa, 3)
+            mapper.flush_py()
+
+    def _plug(self, device, slot, iommu: bool = False) -> int:
+        from ._fast.iommu import IommuAddressSpace
         from .devices.virtio.pci import VirtioPciDevice
 
         try:
+            if slot is None:
+                slot = self.pci.free_slot()
+            space = self.address_space
+            extra = 0
+            if iommu:
+                # Behind the vIOMMU: every ring and buffer address is an IOVA of this endpoint.
+                endpoint = slot << 3
+                self.iommu_core.add_endpoint(endpoint)
+                self.iommu_endpoints.append(endpoint)
+                space = IommuAddressSpace(self.memory, self.iommu_core, endpoint)
+                extra = 1 << U.VIRTIO_F_ACCESS_PLATFORM
             pci_dev = VirtioPciDevice(device, vm=self.vm, router=self.irq_router, loop=self.loop,
-                                      address_space=self.address_space)
+                                      address_space=space, extra_features=extra)
         except BaseException:
             device.close()
             raise
         self.virtio.append(pci_dev)
-        self.pci.add(pci_dev, slot)
+        return self.pci.add(pci_dev, slot)
 
     def _close_devices(self) -> None:
-        for d in getattr(self, "virtio", []):
+        for d in getattr(self, "virtio", []) + getattr(self, "vfio_devices", []):
             try:
                 d.close()
             except Exception:
@@ -237,7 +303,12 @@ class VirtualMachine:
         self.acpi_pm = AcpiPm(on_poweroff=lambda: self.finish(VmExit(ExitReason.POWEROFF)),
                               on_reset=lambda: self.finish(VmExit(ExitReason.RESET)))
         self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, self.acpi_pm)
-        blob = build_acpi_tables(config.cpus.boot, config.memory.size)
+        extra = []
+        if self.iommu_core is not None:
+            from .acpi.viot import build_viot
+
+            extra.append(build_viot(self.iommu_slot << 3, self.iommu_endpoints))
+        blob = build_acpi_tables(config.cpus.boot, config.memory.size, extra)
         install_acpi_tables(self.memory, blob)
         return blob.rsdp_addr
 

@@ -82,12 +82,17 @@ class PciBus:
         self._win64 = _Window("64-bit MMIO", *mmio64)
 
     # --- wiring -----------------------------------------------------------------------------
+    def free_slot(self) -> int:
+        """The first free slot (so a device's BDF is known before it is plugged)."""
+        slot = next((s for s in range(MAX_DEVICES) if s not in self.devices), None)
+        if slot is None:
+            raise DeviceError("PCI bus 0 is full (32 devices)", "use fewer devices")
+        return slot
+
     def add(self, device: PciDevice, slot: int | None = None) -> int:
         """Plug ``device`` into ``slot`` (or the first free one) and place its BARs."""
         if slot is None:
-            slot = next((s for s in range(MAX_DEVICES) if s not in self.devices), None)
-            if slot is None:
-                raise DeviceError("PCI bus 0 is full (32 devices)", "use fewer devices")
+            slot = self.free_slot()
         elif not 0 <= slot < MAX_DEVICES:
             raise DeviceError(f"PCI slot {slot} does not exist", "use pci_device_id=1..31")
         elif slot in self.devices:

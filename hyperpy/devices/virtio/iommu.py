@@ -1,0 +1,94 @@
+"""virtio-iommu (device ID 23): the request queue in front of the Cython core, and the event queue
+that reports translation faults.
+
+Request parsing, the per-domain mapping tables, translation and the host DMA listeners live in
+:mod:`hyperpy._fast.iommu`; this file moves requests and faults between the queues and the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..._fast import uapi as U
+from ..._fast.virtqueue import QueueError
+from .device import DeviceContext, VirtioDevice
+
+log = logging.getLogger(__name__)
+
+REQUEST, EVENT = 0, 1
+
+
+class Iommu(VirtioDevice):
+    device_type = U.VIRTIO_ID_IOMMU
+    name = "iommu"
+
+    def __init__(self, core, queue_size: int = 256) -> None:
+        super().__init__([queue_size, queue_size], core.offered, core.config_bytes())
+        self.core = core
+
+    def activate(self, ctx: DeviceContext) -> None:
+        super().activate(ctx)
+        self.core.set_negotiated(ctx.driver_features)
+        ctx.loop.add(self.core.fault_eventfd, self._faults_pending)
+
+    def queue_notify(self, index: int) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        try:
+            if index == REQUEST:
+                self._requests(ctx)
+            else:
+                self._deliver_faults(ctx)
+        except QueueError:
+            pass   # the transport sees needs_reset and tells the driver
+
+    def _requests(self, ctx: DeviceContext) -> None:
+        q = ctx.queues[REQUEST]
+        done = 0
+        while (chain := q.pop_py()) is not None:
+            req = q.read_chain_bytes(chain)
+            resp = self.core.handle_py(req, chain.writable_len)
+            q.push_used_py(chain.head, q.write_chain_bytes(chain, resp) if resp else 0)
+            done += 1
+        if done:
+            # The requests of one notification are one batch: host DMA listeners (VFIO) apply
+            # their queued mappings now, coalesced into extents.
+            rc = self.core.flush_listeners_py()
+            if rc < 0:
+                log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
+            if q.should_notify_py():
+                ctx.signal_used(REQUEST)
+
+    def _faults_pending(self) -> None:
+        try:
+            os.eventfd_read(self.core.fault_eventfd)
+        except BlockingIOError:
+            pass
+        if self.ctx is not None:
+            self._deliver_faults(self.ctx)
+
+    def _deliver_faults(self, ctx: DeviceContext) -> None:
+        q = ctx.queues[EVENT]
+        done = 0
+        while self.core.pending_faults:
+            chain = q.pop_py()
+            if chain is None:
+                break   # no event buffer posted: the fault waits for the next one
+            fault = self.core.pop_fault_py()
+            if fault is None:
+                q.push_used_py(chain.head, 0)
+                break
+            log.info("virtio-iommu fault: endpoint %#x address %#x reason %d flags %#x",
+                     fault["endpoint"], fault["address"], fault["reason"], fault["flags"])
+            q.push_used_py(chain.head, q.write_chain_bytes(chain, fault["bytes"]))
+            done += 1
+        if done and q.should_notify_py():
+            ctx.signal_used(EVENT)
+
+    def reset(self) -> None:
+        if self.ctx is not None:
+            self.ctx.loop.remove(self.core.fault_eventfd)
+        self.core.reset()
+        super().reset()
