@@ -151,7 +151,7 @@ IOMMU_HELP = ("The virtio-iommu that iommu=on devices sit behind (added automati
               "says iommu=on): [page_sizes=4K,2M,1G][,bypass=on][,max_mappings=N][,max_domains=N].  "
               "Example: --iommu page_sizes=4K,2M")
 DEVICE_HELP = ("A VFIO device (repeatable): path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on], or "
-               "path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS] for the SIMULATED type1 "
+               "path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS][,batching=off] for the SIMULATED type1 "
                "container (hosts without /dev/vfio; tests and benchmarks).  "
                "Example: --device path=sim:gpu0,iommu=on")
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."

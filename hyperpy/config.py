@@ -522,7 +522,7 @@ def parse_rng(value: str | None) -> RngConfig | None:
 
 
 IOMMU_KEYS = ("page_sizes", "bypass", "max_mappings", "max_domains", "pci_device_id")
-DEVICE_KEYS = ("path", "iommu", "id", "pci_device_id", "entry_limit", "pin_ns")
+DEVICE_KEYS = ("path", "iommu", "id", "pci_device_id", "entry_limit", "pin_ns", "batching")
 SIM_PREFIX = "sim:"
 
 
@@ -548,6 +548,7 @@ class DeviceConfig:
     pci_device_id: int | None = None
     entry_limit: int | None = None   # simulation only: the container's dma_entry_limit
     pin_ns: int = 0                  # simulation only: modelled pinning cost per 4 KiB page
+    batching: bool = True            # coalesce adjacent guest MAPs into one host MAP_DMA per extent
 
     @property
     def simulated(self) -> bool:
@@ -602,6 +603,7 @@ def parse_device(value: str) -> DeviceConfig:
         pci_device_id=_pci_slot(o["pci_device_id"], "--device pci_device_id") if "pci_device_id" in o else None,
         entry_limit=parse_int(o["entry_limit"], "--device entry_limit", 1, 1 << 24) if "entry_limit" in o else None,
         pin_ns=parse_int(o["pin_ns"], "--device pin_ns", 0, 10**9) if "pin_ns" in o else 0,
+        batching=parse_bool(o["batching"], "--device batching") if "batching" in o else True,
     )
 
 

@@ -249,7 +249,7 @@ class VirtualMachine:
         container = open_container(dev.path, entry_limit=dev.entry_limit, pin_ns_per_page=dev.pin_ns)
         slot = self.pci.free_slot() if dev.pci_device_id is None else dev.pci_device_id
         endpoint = slot << 3
-        mapper = VfioDmaMapper(self.memory, container, batching=True)
+        mapper = VfioDmaMapper(self.memory, container, batching=dev.batching)
         pci_dev = SimulatedVfioPciDevice(dev.path, container, mapper)
         self.pci.add(pci_dev, slot)
         self.vfio_devices.append(pci_dev)
@@ -519,6 +519,14 @@ class VirtualMachine:
         return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+    def close(self) -> None:
+        """Release the VM's host resources now: KVM fds and guest RAM (huge pages included)."""
+        for v in self.vcpus:
+            v.close()
+        self.vm.close()
+        self.memory.close()
+
+
 def build_vm(config, **kwargs) -> VirtualMachine:
     return VirtualMachine(config, **kwargs)
 
@@ -526,7 +534,10 @@ def build_vm(config, **kwargs) -> VirtualMachine:
 def run_vm(config) -> int:
     """Build and run a VM; return the process exit status (0 for a guest reset/power-off)."""
     vm = build_vm(config)
-    result = vm.run()
+    try:
+        result = vm.run()
+    finally:
+        vm.close()
     if result.status != 0:
         print(f"hyperpy: VM stopped: {result.reason.value}"
               + (f": {result.message}" if result.message else ""), file=sys.stderr)

@@ -38,6 +38,15 @@ cdef class GuestMemory:
             munmap(self._regions[i].host, self._regions[i].size)
         self._nregions = 0
 
+    def close(self):
+        """Unmap all RAM now (huge pages go back to the host's pool at once, not at GC time).
+        Afterwards every translation fails, so a late access is refused, not a use-after-free."""
+        cdef int i, n = self._nregions
+        self._nregions = 0
+        self.size = 0
+        for i in range(n):
+            munmap(self._regions[i].host, self._regions[i].size)
+
     def add_region(self, uint64_t gpa, uint64_t size, int fd=-1, uint64_t file_offset=0,
                    bint shared=False, bint prefault=False, uint64_t hugepage_size=0):
         """mmap ``size`` bytes (anonymous when ``fd`` is -1) as RAM at guest-physical ``gpa``."""

@@ -442,6 +442,15 @@ cdef class Vcpu:
         if self.fd >= 0:
             close(self.fd)
 
+    def close(self):
+        """Unmap kvm_run and close the vCPU fd (the vCPU must not be running)."""
+        if self.run_area != NULL:
+            munmap(self.run_area, self.run_size)
+            self.run_area = NULL
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
     @property
     def mmap_size(self):
         return self.run_size
