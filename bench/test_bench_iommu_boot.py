@@ -117,12 +117,6 @@ def test_nested_vfio_boot_4k_vs_2m(benchmark, guests):
 
 def write_docs(rows: list[dict]) -> None:
     lines = [
-        "# Benchmarks",
-        "",
-        "Figures from this project's development machine: 2 cores, and a KVM that **emulates** guest",
-        "instructions (about 1 million per second), so guest-side times are far longer than on",
-        "hardware KVM; the ratios and the host-call counts are what carry over.",
-        "",
         "## Nested-VFIO boot: 4 KiB versus 2 MiB mappings",
         "",
         "`bench/test_bench_iommu_boot.py`. The `iommu_map` guest acts as L1's VFIO: it maps N MiB of",
@@ -176,4 +170,10 @@ def write_docs(rows: list[dict]) -> None:
         lines += ["", "![host map calls](benchmarks-iommu.png)"]
     except ImportError:
         lines += ["", "(Install matplotlib for the plot.)"]
-    out.write_text("\n".join(lines) + "\n")
+    # Keep what the file says before this section (the other benchmarks' figures).
+    head = ""
+    if out.exists():
+        text = out.read_text()
+        cut = text.find(lines[0])
+        head = text[:cut] if cut >= 0 else text.rstrip("\n") + "\n\n"
+    out.write_text(head + "\n".join(lines) + "\n")
