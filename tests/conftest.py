@@ -6,7 +6,6 @@ whenever /dev/kvm exists) a KVM test that cannot run fails instead.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from testutil import load_module
+
 TESTS = Path(__file__).resolve().parent
 GUEST_SRC = TESTS / "guests"
 
 
 def _load_guest_builder():
-    spec = importlib.util.spec_from_file_location("hyperpy_test_guest_build", GUEST_SRC / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("hyperpy_test_guest_build", GUEST_SRC / "build.py")
 
 
 def kvm_problem() -> str | None:

@@ -11,7 +11,6 @@ provides it. Build tests skip when gcc is missing.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import select
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from testutil import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / "tests" / "guests"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -34,15 +35,10 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-build = _load("hyperpy_test_guest_build", GUEST_DIR / "build.py")
-mkbzimage = _load("hyperpy_test_guest_mkbzimage", GUEST_DIR / "mkbzimage.py")
+build = load_module("hyperpy_test_guest_build", GUEST_DIR / "build.py")
+mkbzimage = load_module("hyperpy_test_guest_mkbzimage", GUEST_DIR / "mkbzimage.py")
 
 
 @pytest.fixture(scope="session")

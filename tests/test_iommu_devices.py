@@ -3,7 +3,6 @@ IOVAs, a fault after UNMAP; the same guest on QEMU, compared; and the simulated 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from testutil import load_module
+
 TESTS = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("iommu_expect", TESTS / "iommu_expect.py")
-expect = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(expect)
-_vspec = importlib.util.spec_from_file_location("virtio_expect", TESTS / "virtio_expect.py")
-vexpect = importlib.util.module_from_spec(_vspec)
-_vspec.loader.exec_module(vexpect)
+expect = load_module("iommu_expect", TESTS / "iommu_expect.py")
+vexpect = load_module("virtio_expect", TESTS / "virtio_expect.py")
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.kvm

@@ -8,12 +8,13 @@ qemu-system-x86_64 or gcc.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from testutil import load_module
 
 TESTS = Path(__file__).resolve().parent
 GUEST_DIR = TESTS / "guests"
@@ -24,15 +25,10 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-build = _load("hyperpy_test_guest_build_iommu", GUEST_DIR / "build.py")
-expect = _load("iommu_expect", TESTS / "iommu_expect.py")
+build = load_module("hyperpy_test_guest_build_iommu", GUEST_DIR / "build.py")
+expect = load_module("iommu_expect", TESTS / "iommu_expect.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ with MSI-X; and the same guests on QEMU, compared fact by fact (a peer nobody he
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import select
 import shutil
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from testutil import load_module
+
 TESTS = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("virtio_expect", TESTS / "virtio_expect.py")
-expect = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(expect)
+expect = load_module("virtio_expect", TESTS / "virtio_expect.py")
 
 QEMU = shutil.which("qemu-system-x86_64")
 GUEST_MAC = "52:54:00:12:34:56"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib.util
 import os
 import select
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from testutil import load_module
+
 TESTS = Path(__file__).resolve().parent
 GUEST_DIR = TESTS / "guests"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -36,15 +37,10 @@ needs_qemu = pytest.mark.skipif(
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-build = _load("hyperpy_test_guest_build", GUEST_DIR / "build.py")
-expect = _load("virtio_expect", TESTS / "virtio_expect.py")
+build = load_module("hyperpy_test_guest_build", GUEST_DIR / "build.py")
+expect = load_module("virtio_expect", TESTS / "virtio_expect.py")
 
 DEVICE_GUESTS = ["virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "acpi"]
 
