@@ -90,3 +90,26 @@ def test_real_vfio_device_gives_a_clear_error(kvm, hyperpy_cli, tmp_path):
     err = p.stderr.decode().strip()
     assert p.returncode == 2, err
     assert len(err.splitlines()) == 1 and "0000:00:1f.0" in err
+
+
+@pytest.mark.parametrize("batching", ["on", "off"])
+def test_host_entry_limit_reaches_the_guest_as_nomem(kvm, guests, batching):
+    """Past the (simulated) host dma_entry_limit a MAP fails with NOMEM in the guest's status,
+    whether the host call is made at once or when the batch is flushed; never silently."""
+    rc, out, err = hyperpy("--kernel", str(guests["iommu_map"]),
+                           "--device", f"path=sim:l2,iommu=on,pci_device_id=2,entry_limit=4,batching={batching}",
+                           "--cmdline", "ep=0x10 mode=contig mib=8")
+    assert rc == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("MAPB done"))
+    words = line.split()
+    errors, first = int(words[words.index("errors") + 1]), int(words[words.index("first_error") + 1])
+    assert errors > 0 and first == expect.S_NOMEM, line
+    assert "No space left on device" in err or batching == "off"
+
+
+def test_huge_runs_stay_under_a_small_entry_limit(kvm, guests):
+    rc, out, err = hyperpy("--kernel", str(guests["iommu_map"]),
+                           "--device", "path=sim:l2,iommu=on,pci_device_id=2,entry_limit=4",
+                           "--cmdline", "ep=0x10 mode=huge mib=64")
+    assert rc == 0, err
+    assert "errors 0 " in next(l for l in out.splitlines() if l.startswith("MAPB done"))

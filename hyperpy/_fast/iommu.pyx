@@ -159,6 +159,7 @@ cdef size_t _TAIL = sizeof(virtio_iommu_req_tail)
 cdef size_t _ATTACH_IN = sizeof(virtio_iommu_req_attach) - sizeof(virtio_iommu_req_tail)
 cdef size_t _DETACH_IN = sizeof(virtio_iommu_req_detach) - sizeof(virtio_iommu_req_tail)
 cdef size_t _MAP_IN = sizeof(virtio_iommu_req_map) - sizeof(virtio_iommu_req_tail)
+MAP_REQ_LEN = _MAP_IN   # device-readable bytes of a MAP request
 cdef size_t _UNMAP_IN = sizeof(virtio_iommu_req_unmap) - sizeof(virtio_iommu_req_tail)
 cdef size_t _PROBE_IN = sizeof(virtio_iommu_req_probe)
 REQ_IN = {VIRTIO_IOMMU_T_ATTACH: _ATTACH_IN, VIRTIO_IOMMU_T_DETACH: _DETACH_IN,

@@ -7,9 +7,13 @@ Request parsing, the per-domain mapping tables, translation and the host DMA lis
 
 from __future__ import annotations
 
+import bisect
+import errno
 import logging
 import os
+import struct
 
+from ..._fast import iommu as IOMMU
 from ..._fast import uapi as U
 from ..._fast.virtqueue import QueueError
 from .device import DeviceContext, VirtioDevice
@@ -17,6 +21,22 @@ from .device import DeviceContext, VirtioDevice
 log = logging.getLogger(__name__)
 
 REQUEST, EVENT = 0, 1
+# From <linux/virtio_iommu.h> through the Cython core.
+T_MAP, S_OK, S_NOMEM, S_DEVERR = IOMMU.T_MAP, IOMMU.S_OK, IOMMU.S_NOMEM, IOMMU.S_DEVERR
+MAP_REQ_LEN = IOMMU.MAP_REQ_LEN
+
+
+def _covered(mappings: list, start: int, end: int) -> bool:
+    """Whether [start, end] lies inside the union of sorted (iova, size, ...) host mappings."""
+    starts = [m[0] for m in mappings]
+    i = bisect.bisect_right(starts, start) - 1
+    pos = start
+    while 0 <= i < len(mappings) and mappings[i][0] <= pos:
+        pos = max(pos, mappings[i][0] + mappings[i][1])
+        if pos > end:
+            return True
+        i += 1
+    return False
 
 
 class Iommu(VirtioDevice):
@@ -46,20 +66,40 @@ class Iommu(VirtioDevice):
 
     def _requests(self, ctx: DeviceContext) -> None:
         q = ctx.queues[REQUEST]
-        done = 0
+        batch = []
         while (chain := q.pop_py()) is not None:
             req = q.read_chain_bytes(chain)
-            resp = self.core.handle_py(req, chain.writable_len)
+            batch.append((chain, req, self.core.handle_py(req, chain.writable_len)))
+        if not batch:
+            return
+        # The requests of one notification are one batch: host DMA listeners (VFIO) apply their
+        # queued mappings now, coalesced into extents.  Statuses are held back until then, so a
+        # MAP the host refuses (e.g. past dma_entry_limit) is reported to the guest, not only
+        # logged.
+        rc = self.core.flush_listeners_py()
+        if rc < 0:
+            log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
+            batch = [(c, req, self._recheck_map(req, resp, rc)) for c, req, resp in batch]
+        for chain, _req, resp in batch:
             q.push_used_py(chain.head, q.write_chain_bytes(chain, resp) if resp else 0)
-            done += 1
-        if done:
-            # The requests of one notification are one batch: host DMA listeners (VFIO) apply
-            # their queued mappings now, coalesced into extents.
-            rc = self.core.flush_listeners_py()
-            if rc < 0:
-                log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
-            if q.should_notify_py():
-                ctx.signal_used(REQUEST)
+        if q.should_notify_py():
+            ctx.signal_used(REQUEST)
+
+    def _recheck_map(self, req: bytes, resp: bytes, rc: int) -> bytes:
+        """After a failed host flush: a MAP answered OK whose range did not reach the host
+        becomes NOMEM (ENOSPC/ENOMEM) or DEVERR, and is taken out of the domain again."""
+        if len(req) < MAP_REQ_LEN or req[0] != T_MAP or len(resp) < 4 or resp[-4] != S_OK:
+            return resp
+        domain, start, end = struct.unpack_from("<IQQ", req, 4)
+        dom = self.core.domains.get(domain)
+        listener = getattr(dom, "listener", None)
+        if dom is None or not hasattr(listener, "mappings_py"):
+            return resp
+        if _covered(listener.mappings_py(), start, end):
+            return resp
+        dom.unmap_py(start, end)
+        status = S_NOMEM if -rc in (errno.ENOSPC, errno.ENOMEM) else S_DEVERR
+        return resp[:-4] + bytes([status]) + resp[-3:]
 
     def _faults_pending(self) -> None:
         try:
