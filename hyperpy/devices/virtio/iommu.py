@@ -11,10 +11,10 @@ import bisect
 import errno
 import logging
 import os
-import struct
 
 from ..._fast import iommu as IOMMU
 from ..._fast import uapi as U
+from ..._fast.iommu_queue import RequestQueueWorker
 from ..._fast.virtqueue import QueueError
 from .device import DeviceContext, VirtioDevice
 
@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 
 REQUEST, EVENT = 0, 1
 # From <linux/virtio_iommu.h> through the Cython core.
-T_MAP, S_OK, S_NOMEM, S_DEVERR = IOMMU.T_MAP, IOMMU.S_OK, IOMMU.S_NOMEM, IOMMU.S_DEVERR
-MAP_REQ_LEN = IOMMU.MAP_REQ_LEN
+S_NOMEM, S_DEVERR = IOMMU.S_NOMEM, IOMMU.S_DEVERR
 
 
 def _covered(mappings: list, start: int, end: int) -> bool:
@@ -46,6 +45,7 @@ class Iommu(VirtioDevice):
     def __init__(self, core, queue_size: int = 256) -> None:
         super().__init__([queue_size, queue_size], core.offered, core.config_bytes())
         self.core = core
+        self.worker = RequestQueueWorker()
 
     def activate(self, ctx: DeviceContext) -> None:
         super().activate(ctx)
@@ -66,40 +66,33 @@ class Iommu(VirtioDevice):
 
     def _requests(self, ctx: DeviceContext) -> None:
         q = ctx.queues[REQUEST]
-        batch = []
-        while (chain := q.pop_py()) is not None:
-            req = q.read_chain_bytes(chain)
-            batch.append((chain, req, self.core.handle_py(req, chain.writable_len)))
-        if not batch:
-            return
-        # The requests of one notification are one batch: host DMA listeners (VFIO) apply their
-        # queued mappings now, coalesced into extents.  Statuses are held back until then, so a
-        # MAP the host refuses (e.g. past dma_entry_limit) is reported to the guest, not only
-        # logged.
-        rc = self.core.flush_listeners_py()
-        if rc < 0:
-            log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
-            batch = [(c, req, self._recheck_map(req, resp, rc)) for c, req, resp in batch]
-        for chain, _req, resp in batch:
-            q.push_used_py(chain.head, q.write_chain_bytes(chain, resp) if resp else 0)
-        if q.should_notify_py():
-            ctx.signal_used(REQUEST)
+        while True:
+            # One round: the worker applies up to 256 requests in C and flushes the host DMA
+            # listeners (VFIO maps coalesced into extents) before any status is published, so
+            # a MAP the host refused (e.g. past dma_entry_limit) is reported, not only logged.
+            done, broken, rc, maps = self.worker.gather(q, self.core)
+            if rc < 0:
+                log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
+                for index, domain, start, end in maps:
+                    status = self._recheck_map(domain, start, end, rc)
+                    if status is not None:
+                        self.worker.set_status(index, status)
+            if self.worker.complete(q):
+                ctx.signal_used(REQUEST)
+            if done == 0 or broken:
+                return
 
-    def _recheck_map(self, req: bytes, resp: bytes, rc: int) -> bytes:
-        """After a failed host flush: a MAP answered OK whose range did not reach the host
-        becomes NOMEM (ENOSPC/ENOMEM) or DEVERR, and is taken out of the domain again."""
-        if len(req) < MAP_REQ_LEN or req[0] != T_MAP or len(resp) < 4 or resp[-4] != S_OK:
-            return resp
-        domain, start, end = struct.unpack_from("<IQQ", req, 4)
+    def _recheck_map(self, domain: int, start: int, end: int, rc: int) -> int | None:
+        """After a failed host flush: the status for a MAP whose range did not reach the host
+        (NOMEM for ENOSPC/ENOMEM, else DEVERR), after taking it out of the domain again."""
         dom = self.core.domains.get(domain)
         listener = getattr(dom, "listener", None)
         if dom is None or not hasattr(listener, "mappings_py"):
-            return resp
+            return None
         if _covered(listener.mappings_py(), start, end):
-            return resp
+            return None
         dom.unmap_py(start, end)
-        status = S_NOMEM if -rc in (errno.ENOSPC, errno.ENOMEM) else S_DEVERR
-        return resp[:-4] + bytes([status]) + resp[-3:]
+        return S_NOMEM if -rc in (errno.ENOSPC, errno.ENOMEM) else S_DEVERR
 
     def _faults_pending(self) -> None:
         try:
