@@ -521,6 +521,11 @@ class VirtualMachine:
 
     def close(self) -> None:
         """Release the VM's host resources now: KVM fds and guest RAM (huge pages included)."""
+        if any(t.is_alive() for t in self._threads):
+            # A vCPU thread did not stop: leave its memory mapped rather than pull it away
+            # under a running KVM_RUN; the process exit releases it.
+            log.error("a vCPU thread is still running; guest memory is left mapped")
+            return
         for v in self.vcpus:
             v.close()
         self.vm.close()

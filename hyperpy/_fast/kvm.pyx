@@ -615,6 +615,8 @@ cdef class Vcpu:
 
     def request_exit(self):
         """Make the vCPU leave KVM_RUN soon (from any thread): immediate_exit + a signal."""
+        if self.run_area == NULL:
+            return   # closed: nothing runs any more
         self.run_area.immediate_exit = 1
         if self.thread_known:
             pthread_kill(self.thread, KICK_SIGNAL)
@@ -677,6 +679,8 @@ cdef class Vcpu:
         cdef int err = 0
         cdef int ev
         cdef kvm_run *run = self.run_area
+        if run == NULL:
+            raise KvmError(f"vCPU {self.index} is closed")
         if not self.thread_known:
             self.bind_thread()
         while True:
