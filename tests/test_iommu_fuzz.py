@@ -24,6 +24,8 @@ from hyperpy._fast import iommu as m
 from hyperpy._fast.guestmem import GuestMemory
 from hyperpy.reference import iommu as ref
 
+from testutil import ByteCursor
+
 EXAMPLES = int(os.environ.get("HYPERPY_FUZZ_EXAMPLES", "10000"))
 RAM = 4 << 20
 K4 = 1 << 12
@@ -35,29 +37,7 @@ _MEM = GuestMemory()
 _MEM.add_region(0, RAM)
 
 
-class _Cursor:
-    """Decodes a scenario from Hypothesis's bytes (all-zero bytes give the simplest choices)."""
-
-    def __init__(self, blob: bytes) -> None:
-        self.b = blob
-        self.i = 0
-
-    def int(self, nbytes: int) -> int:
-        v = int.from_bytes(self.b[self.i:self.i + nbytes], "little")
-        self.i += nbytes
-        return v
-
-    def u8(self) -> int:
-        return self.int(1)
-
-    def below(self, n: int) -> int:
-        return self.int(2) % n
-
-    def more(self) -> bool:
-        return self.i < len(self.b)
-
-
-def _addr(c: _Cursor, top: int) -> int:
+def _addr(c: ByteCursor, top: int) -> int:
     k = c.u8() % 16
     if k < 9:
         return c.below(32) * K4                        # small, page aligned: lots of overlap
@@ -74,7 +54,7 @@ def _addr(c: _Cursor, top: int) -> int:
     return 2 ** 64 - 1 - c.below(K4)
 
 
-def _end(c: _Cursor, start: int) -> int:
+def _end(c: ByteCursor, start: int) -> int:
     k = c.u8() % 8
     if k < 5:
         return (start + (c.below(6) + 1) * K4 - 1) % 2 ** 64
@@ -85,7 +65,7 @@ def _end(c: _Cursor, start: int) -> int:
     return c.int(8)
 
 
-def _phys(c: _Cursor) -> int:
+def _phys(c: ByteCursor) -> int:
     k = c.u8() % 8
     if k < 6:
         return c.below(RAM // K4 + 4) * K4             # mostly RAM, sometimes just past it
@@ -94,23 +74,23 @@ def _phys(c: _Cursor) -> int:
     return c.int(8)
 
 
-def _domain(c: _Cursor) -> int:
+def _domain(c: ByteCursor) -> int:
     k = c.u8() % 8
     return c.below(3) if k < 6 else (c.below(8) if k < 7 else c.int(4))
 
 
-def _live(c: _Cursor, live: list) -> int:
+def _live(c: ByteCursor, live: list) -> int:
     # MAP/UNMAP mostly name a domain that exists (the driver's view), else any.
     k = c.u8()
     return live[k % len(live)] if live and k < 200 else _domain(c)
 
 
-def _endpoint(c: _Cursor) -> int:
+def _endpoint(c: ByteCursor) -> int:
     k = c.u8() % 8
     return EPS[k % 3] if k < 6 else (4 if k == 6 else c.int(4))
 
 
-def _request(c: _Cursor, top: int, live: list) -> bytes:
+def _request(c: ByteCursor, top: int, live: list) -> bytes:
     t = c.u8() % 12
     if t < 3:
         flags = c.u8()
@@ -140,7 +120,7 @@ def _request(c: _Cursor, top: int, live: list) -> bytes:
 
 
 def _run(blob: bytes) -> None:
-    c = _Cursor(blob)
+    c = ByteCursor(blob)
     cfg = c.u8()
     top = (1 << (32 + cfg % 17)) - 1
     kw = dict(page_size_mask=MASKS[(cfg >> 4) % len(MASKS)], input_range=(0, top),
@@ -200,6 +180,8 @@ def _run(blob: bytes) -> None:
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.binary(min_size=0, max_size=600))
+
+
 def test_iommu_core_matches_reference(blob):
     _run(blob)
 

@@ -23,6 +23,7 @@ from hyperpy._fast.addrspace import AddressSpace
 from hyperpy._fast.guestmem import GuestMemory
 from hyperpy.reference import virtqueue as ref
 
+from testutil import ByteCursor
 from virtio_driver import F_INDIRECT, F_NEXT, F_WRITE, U16, chain_gpas, pack_desc
 
 MEM = 64 << 10
@@ -34,30 +35,8 @@ DATA = 0x2000
 L = vq.LAYOUT
 EXAMPLES = int(os.environ.get("HYPERPY_FUZZ_EXAMPLES", "10000"))
 
-class _Cursor:
-    """Decodes a scenario from Hypothesis's bytes (one draw per example keeps 10k runs fast;
-    all-zero bytes decode to the simplest valid choices, so shrinking heads there)."""
 
-    def __init__(self, blob: bytes) -> None:
-        self.b = blob
-        self.i = 0
-
-    def int(self, nbytes: int) -> int:
-        v = int.from_bytes(self.b[self.i:self.i + nbytes], "little")
-        self.i += nbytes
-        return v
-
-    def u8(self) -> int:
-        return self.int(1)
-
-    def below(self, n: int) -> int:
-        return self.int(2) % n
-
-    def bool(self) -> bool:
-        return bool(self.u8() & 1)
-
-
-def _addr(c: _Cursor) -> int:
+def _addr(c: ByteCursor) -> int:
     k = c.u8() % 32
     if k < 20:
         return DATA + c.below(MEM - DATA - 0x100)         # inside RAM
@@ -72,7 +51,7 @@ def _addr(c: _Cursor) -> int:
     return 2**64 - 1 - c.u8()                             # wrapping around
 
 
-def _len(c: _Cursor) -> int:
+def _len(c: ByteCursor) -> int:
     k = c.u8() % 16
     if k < 2:
         return 0
@@ -87,7 +66,7 @@ def _len(c: _Cursor) -> int:
     return c.int(4)
 
 
-def _desc(c: _Cursor, n_next: int):
+def _desc(c: ByteCursor, n_next: int):
     k = c.u8()
     if k < 32:                                            # an indirect descriptor, likely valid
         addr = TABLES[c.u8() % len(TABLES)]
@@ -101,7 +80,7 @@ def _desc(c: _Cursor, n_next: int):
     return addr, length, flags, nxt
 
 
-def _tidy_desc(c: _Cursor, i: int, n: int, split: int):
+def _tidy_desc(c: ByteCursor, i: int, n: int, split: int):
     """A descriptor of a plausible chain: next = i + 1, readable ones before writable ones."""
     if c.u8() < 16:
         return _desc(c, n)                                # the odd corrupted one
@@ -111,7 +90,7 @@ def _tidy_desc(c: _Cursor, i: int, n: int, split: int):
     return addr, length, flags, i + 1
 
 
-def _descs(c: _Cursor, n: int, tidy: bool):
+def _descs(c: ByteCursor, n: int, tidy: bool):
     if not tidy:
         return [_desc(c, n) for _ in range(n)]
     split = c.below(n + 1)
@@ -122,7 +101,7 @@ BLOB = 1600
 
 
 def scenario(blob: bytes):
-    c = _Cursor(blob)
+    c = ByteCursor(blob)
     size = SIZES[c.u8() % len(SIZES)]
     s = {"size": size}
     tidy = c.bool()
