@@ -4,7 +4,6 @@ with MSI-X; and the same guests on QEMU, compared fact by fact (a peer nobody he
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -151,17 +150,7 @@ def test_net_frames_cross_the_tap(kvm, guests, irq):
                 s.close()
                 time.sleep(0.05)
         assert sock is not None, "hyperpy did not create the tap"
-        frame = None
-        while frame is None and time.monotonic() < deadline:
-            if select.select([sock], [], [], 1.0)[0]:
-                got = sock.recv(4096)
-                if got[6:12] == expect.mac_bytes(GUEST_MAC):
-                    frame = got
-            elif proc.poll() is not None:
-                break
-        assert frame is not None, "no frame from the guest"
-        expect.check_guest_frame(frame, GUEST_MAC)
-        sock.send(expect.net_reply_frame(GUEST_MAC))
+        expect.exchange_frame(sock, proc, GUEST_MAC, deadline)
         out, err = proc.communicate(timeout=60)
     finally:
         if sock is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import shutil
 import socket
 import struct
@@ -281,19 +280,7 @@ def test_net(guests, tap, irq):
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        frame = None
-        deadline = time.monotonic() + 60
-        while frame is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([sock], [], [], 1.0)
-            if ready:
-                got = sock.recv(4096)
-                if got[6:12] == expect.mac_bytes(GUEST_MAC):
-                    frame = got
-            elif proc.poll() is not None:
-                break
-        assert frame is not None, "no frame from the guest"
-        expect.check_guest_frame(frame, GUEST_MAC)
-        sock.send(expect.net_reply_frame(GUEST_MAC))
+        expect.exchange_frame(sock, proc, GUEST_MAC, time.monotonic() + 60)
         stdout, _ = proc.communicate(timeout=60)
     finally:
         sock.close()

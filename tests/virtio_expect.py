@@ -26,6 +26,8 @@ Stdlib only.
 from __future__ import annotations
 
 import re
+import select
+import time
 
 SECTOR = 512
 
@@ -490,3 +492,21 @@ def comparable_acpi(f: dict) -> dict:
             "madt": f["madt"], "s5_found": isinstance(f["s5"], tuple),
             "poweroff": f["poweroff"], "poweroff_failed": f["poweroff_failed"],
             "fail": f["fail"], "exceptions": f["exceptions"]}
+
+
+def exchange_frame(sock, proc, guest_mac: str, deadline: float) -> bytes:
+    """Wait (until ``deadline``, time.monotonic) for the guest's frame on ``sock`` (an AF_PACKET
+    socket on the tap), check it, answer with ``net_reply_frame``; returns the guest's frame.
+    Gives up early when ``proc`` (the VMM) exits."""
+    frame = None
+    while frame is None and time.monotonic() < deadline:
+        if select.select([sock], [], [], 1.0)[0]:
+            got = sock.recv(4096)
+            if got[6:12] == mac_bytes(guest_mac):
+                frame = got
+        elif proc.poll() is not None:
+            break
+    assert frame is not None, "no frame from the guest"
+    check_guest_frame(frame, guest_mac)
+    sock.send(net_reply_frame(guest_mac))
+    return frame
