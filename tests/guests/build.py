@@ -58,7 +58,7 @@ _SPECS: dict[str, tuple[str | tuple[str, ...], str, list[str]]] = {
     "hello64": ("hello64.c", "linux64", []),
     "bzimage": ("hello64.c", "linux64", ['-DGUEST_ENTRY_NAME="bzimage"']),
     "uart_loopback": ("uart_loopback.c", "pvh", []),
-    "uart_irq": ("uart_irq.c", "pvh", []),
+    "uart_irq": (("uart_irq.c", "intr.c"), "pvh", []),
     "echo": ("echo.c", "pvh", []),
     "boottimer": ("boottimer.c", "pvh", []),
     "triplefault": ("triplefault.c", "pvh", []),
