@@ -27,6 +27,7 @@ from ._fast import uapi as U
 from .errors import ConfigError, DeviceError, HyperpyError
 from .irq import InterruptRouter
 from .memory import create_guest_memory
+from .memslots import MemorySlots
 from .vcpu_setup import setup_vcpu
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class VirtualMachine:
         self.memory = create_guest_memory(config.memory)
         for slot, (gpa, size, host) in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, gpa, size, host)
+        self.memory_slots = MemorySlots(self.vm, len(self.memory.regions),
+                                        self.kvm.check_extension("KVM_CAP_NR_MEMSLOTS") or 32)
 
         self.pio_bus = IoBus("port I/O bus")
         self.mmio_bus = IoBus("MMIO bus")
@@ -236,32 +239,40 @@ class VirtualMachine:
         return self.vfio_mappers.get(endpoint) if endpoint is not None else None
 
     def _add_vfio_device(self, dev) -> None:
+        """A passed-through PCI function: its container (the host IOMMU side), its device fd
+        (real vfio-pci or the explicit SIMULATION) and the PCI function the guest sees."""
         from ._fast.vfio import VfioDmaMapper
-        from .devices.vfio_pci import SimulatedVfioPciDevice
-        from .vfio.container import open_container
+        from .devices.vfio_pci import VfioPciDevice
+        from .vfio.container import close_container, open_container, open_device
+        from .vfio.simdevice import SimulatedVfioDevice
 
-        if not dev.simulated:
-            # Opening the container gives the one-line reason when this host cannot do VFIO.
-            open_container(dev.path)
-            raise DeviceError(f"--device {dev.path}: passing a host device's BARs and interrupts "
-                              "through is not implemented yet",
-                              "use path=sim:NAME for the simulated VFIO container")
         container = open_container(dev.path, entry_limit=dev.entry_limit, pin_ns_per_page=dev.pin_ns)
+        try:
+            device = (SimulatedVfioDevice(dev.path, container) if dev.simulated
+                      else open_device(container, dev.path))
+        except BaseException:
+            close_container(container)
+            raise
         slot = self.pci.free_slot() if dev.pci_device_id is None else dev.pci_device_id
         endpoint = slot << 3
         mapper = VfioDmaMapper(self.memory, container, batching=dev.batching)
-        pci_dev = SimulatedVfioPciDevice(dev.path, container, mapper)
-        self.pci.add(pci_dev, slot)
+        pci_dev = VfioPciDevice(device, router=self.irq_router, loop=self.loop,
+                                slots=self.memory_slots, container=container, mapper=mapper)
         self.vfio_devices.append(pci_dev)
+        self.pci.add(pci_dev, slot)
         if dev.iommu:
+            # Nothing is mapped until the guest MAPs through the vIOMMU.
             self.vfio_mappers[endpoint] = mapper
             self.iommu_core.add_endpoint(endpoint)
             self.iommu_endpoints.append(endpoint)
         else:
             # Without a vIOMMU the device may DMA anywhere in guest RAM: map all of it now.
-            for gpa, size, _host in self.memory.regions:
-                mapper.map_py(gpa, size, gpa, 3)
-            mapper.flush_py()
+            errs = [mapper.map_py(gpa, size, gpa, 3) for gpa, size, _host in self.memory.regions]
+            err = next((e for e in errs if e), 0) or mapper.flush_py()
+            if err:
+                raise DeviceError(f"--device {dev.path}: mapping guest RAM for DMA failed "
+                                  f"({os.strerror(-err)})",
+                                  "raise the host's locked-memory limit (ulimit -l) or use iommu=on")
 
     def _plug(self, device, slot, iommu: bool = False) -> int:
         from ._fast.iommu import IommuAddressSpace

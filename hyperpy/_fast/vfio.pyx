@@ -6,11 +6,12 @@ Every number and struct layout comes from ``<linux/vfio.h>`` at compile time.  T
 return 0 or a negative errno.  See ``vfio.pxd`` for the API.
 """
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, int32_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free, qsort
-from libc.string cimport memmove, memcpy
+from libc.string cimport memmove, memcpy, memset
 from libc.errno cimport errno, EINVAL, EEXIST, ENOSPC, EFAULT, ENOMEM, ENOSYS
 from posix.ioctl cimport ioctl
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from hyperpy._fast.dmalistener cimport DmaListener, DMA_READ, DMA_WRITE
@@ -51,6 +52,75 @@ cdef extern from "<linux/vfio.h>" nogil:
         uint64_t iova
         uint64_t size
 
+    # Device fds (VFIO_GROUP_GET_DEVICE_FD): regions, interrupts, reset.
+    unsigned long VFIO_DEVICE_GET_INFO
+    unsigned long VFIO_DEVICE_GET_REGION_INFO
+    unsigned long VFIO_DEVICE_GET_IRQ_INFO
+    unsigned long VFIO_DEVICE_SET_IRQS
+    unsigned long VFIO_DEVICE_RESET
+    uint32_t VFIO_DEVICE_FLAGS_PCI_ "VFIO_DEVICE_FLAGS_PCI"
+    uint32_t VFIO_DEVICE_FLAGS_RESET_ "VFIO_DEVICE_FLAGS_RESET"
+    uint32_t VFIO_REGION_INFO_FLAG_READ_ "VFIO_REGION_INFO_FLAG_READ"
+    uint32_t VFIO_REGION_INFO_FLAG_WRITE_ "VFIO_REGION_INFO_FLAG_WRITE"
+    uint32_t VFIO_REGION_INFO_FLAG_MMAP_ "VFIO_REGION_INFO_FLAG_MMAP"
+    uint32_t VFIO_REGION_INFO_FLAG_CAPS_ "VFIO_REGION_INFO_FLAG_CAPS"
+    uint16_t VFIO_REGION_INFO_CAP_SPARSE_MMAP_ "VFIO_REGION_INFO_CAP_SPARSE_MMAP"
+    uint16_t VFIO_REGION_INFO_CAP_MSIX_MAPPABLE_ "VFIO_REGION_INFO_CAP_MSIX_MAPPABLE"
+    uint32_t VFIO_IRQ_INFO_EVENTFD_ "VFIO_IRQ_INFO_EVENTFD"
+    uint32_t VFIO_IRQ_INFO_MASKABLE_ "VFIO_IRQ_INFO_MASKABLE"
+    uint32_t VFIO_IRQ_INFO_NORESIZE_ "VFIO_IRQ_INFO_NORESIZE"
+    uint32_t VFIO_IRQ_SET_DATA_NONE_ "VFIO_IRQ_SET_DATA_NONE"
+    uint32_t VFIO_IRQ_SET_DATA_EVENTFD_ "VFIO_IRQ_SET_DATA_EVENTFD"
+    uint32_t VFIO_IRQ_SET_ACTION_TRIGGER_ "VFIO_IRQ_SET_ACTION_TRIGGER"
+    int VFIO_PCI_BAR0_REGION_INDEX_ "VFIO_PCI_BAR0_REGION_INDEX"
+    int VFIO_PCI_ROM_REGION_INDEX_ "VFIO_PCI_ROM_REGION_INDEX"
+    int VFIO_PCI_CONFIG_REGION_INDEX_ "VFIO_PCI_CONFIG_REGION_INDEX"
+    int VFIO_PCI_NUM_REGIONS_ "VFIO_PCI_NUM_REGIONS"
+    int VFIO_PCI_INTX_IRQ_INDEX_ "VFIO_PCI_INTX_IRQ_INDEX"
+    int VFIO_PCI_MSI_IRQ_INDEX_ "VFIO_PCI_MSI_IRQ_INDEX"
+    int VFIO_PCI_MSIX_IRQ_INDEX_ "VFIO_PCI_MSIX_IRQ_INDEX"
+
+    struct vfio_device_info:
+        uint32_t argsz
+        uint32_t flags
+        uint32_t num_regions
+        uint32_t num_irqs
+
+    struct vfio_region_info:
+        uint32_t argsz
+        uint32_t flags
+        uint32_t index
+        uint32_t cap_offset
+        uint64_t size
+        uint64_t offset
+
+    struct vfio_info_cap_header:
+        uint16_t id
+        uint16_t version
+        uint32_t next
+
+    struct vfio_region_sparse_mmap_area:
+        uint64_t offset
+        uint64_t size
+
+    struct vfio_region_info_cap_sparse_mmap:
+        vfio_info_cap_header header
+        uint32_t nr_areas
+        vfio_region_sparse_mmap_area areas[1]
+
+    struct vfio_irq_info:
+        uint32_t argsz
+        uint32_t flags
+        uint32_t index
+        uint32_t count
+
+    struct vfio_irq_set:
+        uint32_t argsz
+        uint32_t flags
+        uint32_t index
+        uint32_t start
+        uint32_t count
+
 # Python-visible constants (from the header).
 VFIO_API_VERSION = VFIO_API_VERSION_
 VFIO_TYPE1v2_IOMMU = VFIO_TYPE1v2_IOMMU_
@@ -58,6 +128,24 @@ VFIO_DMA_MAP_FLAG_READ = VFIO_DMA_MAP_FLAG_READ_
 VFIO_DMA_MAP_FLAG_WRITE = VFIO_DMA_MAP_FLAG_WRITE_
 VFIO_GROUP_FLAGS_VIABLE = VFIO_GROUP_FLAGS_VIABLE_
 VFIO_GROUP_FLAGS_CONTAINER_SET = VFIO_GROUP_FLAGS_CONTAINER_SET_
+VFIO_DEVICE_FLAGS_PCI = VFIO_DEVICE_FLAGS_PCI_
+VFIO_DEVICE_FLAGS_RESET = VFIO_DEVICE_FLAGS_RESET_
+VFIO_REGION_INFO_FLAG_READ = VFIO_REGION_INFO_FLAG_READ_
+VFIO_REGION_INFO_FLAG_WRITE = VFIO_REGION_INFO_FLAG_WRITE_
+VFIO_REGION_INFO_FLAG_MMAP = VFIO_REGION_INFO_FLAG_MMAP_
+VFIO_REGION_INFO_FLAG_CAPS = VFIO_REGION_INFO_FLAG_CAPS_
+VFIO_REGION_INFO_CAP_SPARSE_MMAP = VFIO_REGION_INFO_CAP_SPARSE_MMAP_
+VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = VFIO_REGION_INFO_CAP_MSIX_MAPPABLE_
+VFIO_IRQ_INFO_EVENTFD = VFIO_IRQ_INFO_EVENTFD_
+VFIO_IRQ_INFO_MASKABLE = VFIO_IRQ_INFO_MASKABLE_
+VFIO_IRQ_INFO_NORESIZE = VFIO_IRQ_INFO_NORESIZE_
+VFIO_PCI_BAR0_REGION_INDEX = VFIO_PCI_BAR0_REGION_INDEX_
+VFIO_PCI_ROM_REGION_INDEX = VFIO_PCI_ROM_REGION_INDEX_
+VFIO_PCI_CONFIG_REGION_INDEX = VFIO_PCI_CONFIG_REGION_INDEX_
+VFIO_PCI_NUM_REGIONS = VFIO_PCI_NUM_REGIONS_
+VFIO_PCI_INTX_IRQ_INDEX = VFIO_PCI_INTX_IRQ_INDEX_
+VFIO_PCI_MSI_IRQ_INDEX = VFIO_PCI_MSI_IRQ_INDEX_
+VFIO_PCI_MSIX_IRQ_INDEX = VFIO_PCI_MSIX_IRQ_INDEX_
 
 # The smallest IOMMU page size type1 accepts on x86 (mappings must be aligned to it).
 cdef enum:
@@ -258,6 +346,33 @@ cdef class DmaContainer:
         """[(iova, size, vaddr, flags), ...] sorted by iova."""
         return rv_list(&self._tab, False)
 
+    def translate_py(self, uint64_t iova, uint64_t size, bint write):
+        """The host pieces ``[(vaddr, length), ...]`` behind ``[iova, iova+size)`` as this
+        container maps it, or ``None`` when a byte of it is unmapped or lacks the permission
+        (READ for a device read, WRITE for a device write).  A simulated device's DMA uses it
+        in place of the host IOMMU; a real device's DMA never reaches the VMM."""
+        cdef list out = []
+        cdef uint64_t at = iova, left = size, n
+        cdef uint32_t need = VFIO_DMA_MAP_FLAG_WRITE_ if write else VFIO_DMA_MAP_FLAG_READ_
+        cdef size_t i
+        cdef DmaRange *e
+        if size == 0 or iova + (size - 1) < iova:
+            return None
+        while left:
+            i = rv_upper(&self._tab, at)
+            if i == 0:
+                return None
+            e = rv_at(&self._tab, i - 1)
+            if at - e.iova >= e.size or not (e.flags & need):
+                return None
+            n = e.size - (at - e.iova)
+            if n > left:
+                n = left
+            out.append((e.vaddr + (at - e.iova), n))
+            at += n
+            left -= n
+        return out
+
     def counters(self):
         return {"backend": self.backend, "simulated": bool(self.simulated),
                 "map_calls": self.map_calls, "unmap_calls": self.unmap_calls,
@@ -443,6 +558,125 @@ def group_get_device_fd(int group_fd, str name):
     cdef bytes b = name.encode()
     cdef const char *s = b
     return _ret(ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, s), "VFIO_GROUP_GET_DEVICE_FD")
+
+
+# --------------------------------------------------------------------------------------------
+# Device fds: the ioctls a VMM needs to pass a PCI function through (hyperpy.vfio.device).
+
+def device_get_info(int device_fd):
+    """(flags, num_regions, num_irqs) of a VFIO device fd."""
+    cdef vfio_device_info info
+    memset(&info, 0, sizeof(info))
+    info.argsz = sizeof(info)
+    _ret(ioctl(device_fd, VFIO_DEVICE_GET_INFO, &info), "VFIO_DEVICE_GET_INFO")
+    return info.flags, info.num_regions, info.num_irqs
+
+
+def device_get_region_info(int device_fd, uint32_t index):
+    """(flags, size, offset, sparse mmap areas or None, msix_mappable) of one region.
+
+    The capability chain is fetched with a second call when the kernel says it needs more
+    room (VFIO_REGION_INFO_FLAG_CAPS with a larger argsz)."""
+    cdef vfio_region_info first
+    cdef vfio_region_info *info = &first
+    cdef char *buf = NULL
+    cdef vfio_info_cap_header *hdr
+    cdef vfio_region_info_cap_sparse_mmap *sp
+    cdef uint32_t off, k, hops = 0
+    cdef list areas = None
+    cdef bint msix_mappable = False
+    memset(&first, 0, sizeof(first))
+    first.argsz = sizeof(first)
+    first.index = index
+    _ret(ioctl(device_fd, VFIO_DEVICE_GET_REGION_INFO, &first),
+         f"VFIO_DEVICE_GET_REGION_INFO (region {index})")
+    try:
+        if (first.flags & VFIO_REGION_INFO_FLAG_CAPS_) and first.argsz > sizeof(first):
+            if first.argsz > 65536:
+                raise OSError(EINVAL, f"region {index}: capability chain of {first.argsz} bytes")
+            buf = <char *>malloc(first.argsz)
+            if buf == NULL:
+                raise MemoryError()
+            memset(buf, 0, first.argsz)
+            info = <vfio_region_info *>buf
+            info.argsz = first.argsz
+            info.index = index
+            _ret(ioctl(device_fd, VFIO_DEVICE_GET_REGION_INFO, info),
+                 f"VFIO_DEVICE_GET_REGION_INFO (region {index}, capabilities)")
+            off = info.cap_offset
+            # Walk the chain; every header must lie inside the buffer and the walk is bounded.
+            while off and off + sizeof(vfio_info_cap_header) <= info.argsz and hops < 64:
+                hdr = <vfio_info_cap_header *>(buf + off)
+                if hdr.id == VFIO_REGION_INFO_CAP_SPARSE_MMAP_:
+                    sp = <vfio_region_info_cap_sparse_mmap *>hdr
+                    areas = []
+                    for k in range(sp.nr_areas):
+                        if off + 16 + (k + 1) * sizeof(vfio_region_sparse_mmap_area) > info.argsz:
+                            break
+                        areas.append((sp.areas[k].offset, sp.areas[k].size))
+                elif hdr.id == VFIO_REGION_INFO_CAP_MSIX_MAPPABLE_:
+                    msix_mappable = True
+                off = hdr.next
+                hops += 1
+        return info.flags, info.size, info.offset, areas, msix_mappable
+    finally:
+        free(buf)
+
+
+def device_get_irq_info(int device_fd, uint32_t index):
+    """(flags, count) of interrupt index ``index`` (VFIO_PCI_MSIX_IRQ_INDEX, ...)."""
+    cdef vfio_irq_info info
+    memset(&info, 0, sizeof(info))
+    info.argsz = sizeof(info)
+    info.index = index
+    _ret(ioctl(device_fd, VFIO_DEVICE_GET_IRQ_INFO, &info),
+         f"VFIO_DEVICE_GET_IRQ_INFO (index {index})")
+    return info.flags, info.count
+
+
+def device_set_irq_eventfds(int device_fd, uint32_t index, uint32_t start, fds):
+    """VFIO_DEVICE_SET_IRQS, ACTION_TRIGGER with DATA_EVENTFD: vector start+i signals
+    ``fds[i]`` (-1 detaches that vector).  An empty ``fds`` with start 0 disables the index."""
+    cdef uint32_t n = len(fds), i
+    cdef size_t sz = sizeof(vfio_irq_set) + n * sizeof(int32_t)
+    cdef vfio_irq_set *s = <vfio_irq_set *>malloc(sz)
+    cdef int32_t *data
+    if s == NULL:
+        raise MemoryError()
+    try:
+        memset(s, 0, sz)
+        s.argsz = sz
+        s.index = index
+        s.start = start
+        s.count = n
+        if n:
+            s.flags = VFIO_IRQ_SET_DATA_EVENTFD_ | VFIO_IRQ_SET_ACTION_TRIGGER_
+            data = <int32_t *>(<char *>s + sizeof(vfio_irq_set))
+            for i in range(n):
+                data[i] = fds[i]
+        else:
+            s.flags = VFIO_IRQ_SET_DATA_NONE_ | VFIO_IRQ_SET_ACTION_TRIGGER_
+        _ret(ioctl(device_fd, VFIO_DEVICE_SET_IRQS, s), f"VFIO_DEVICE_SET_IRQS (index {index})")
+    finally:
+        free(s)
+
+
+def device_reset(int device_fd):
+    return _ret(ioctl(device_fd, VFIO_DEVICE_RESET), "VFIO_DEVICE_RESET")
+
+
+def mmap_shared(int fd, uint64_t size, uint64_t offset):
+    """mmap(fd, offset) read/write shared; returns the host address (a BAR for a KVM slot)."""
+    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset)
+    cdef int e
+    if p == MAP_FAILED:
+        e = errno
+        raise OSError(e, f"mmap of {size:#x} bytes at offset {offset:#x}: {os.strerror(e)}")
+    return <uint64_t>p
+
+
+def munmap_shared(uint64_t addr, uint64_t size):
+    munmap(<void *>addr, size)
 
 
 # --------------------------------------------------------------------------------------------

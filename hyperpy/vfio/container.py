@@ -187,3 +187,28 @@ def close_container(container: DmaContainer) -> None:
             os.close(container.fd)
         except OSError:
             pass
+
+
+def open_device(container: DmaContainer, selector: str, *, sysfs: str | os.PathLike = "/sys",
+                dev_vfio: str | os.PathLike = "/dev/vfio"):
+    """The device fd of ``selector`` (whose group is in ``container``) as a HostVfioDevice."""
+    from .device import HostVfioDevice
+
+    sysfs, dev_vfio = Path(sysfs), Path(dev_vfio)
+    name, group = _check_device(str(selector), sysfs, dev_vfio)
+    gfd = container.groups.get(group)
+    if gfd is None:
+        gfd = _attach_group(container, name, group, dev_vfio)
+    try:
+        fd = _vfio.group_get_device_fd(gfd, name)
+    except OSError as e:
+        raise DeviceError(f"VFIO device {name}: VFIO_GROUP_GET_DEVICE_FD: {e.strerror}",
+                          "make sure no other process (another VMM) holds the device")
+    try:
+        return HostVfioDevice(fd, name)
+    except OSError as e:
+        os.close(fd)
+        raise DeviceError(f"VFIO device {name}: {e.strerror}")
+    except BaseException:
+        os.close(fd)
+        raise
