@@ -301,3 +301,45 @@ def test_guest_maps_through_the_viommu_for_a_passed_through_device(kvm, guests):
         "VFIO iommu after_unmap status 0x2",
         "VFIO iommu faults 0x3",
         "VFIO unmasked irq 1 pba 0", "VFIO msi irq 1", "VFIO done"]) == [], out
+
+
+def test_random_config_and_bar_accesses_never_crash_or_leak_into_owned_registers():
+    """Hostile guest accesses (any offset, size, value) to config space and BARs: nothing
+    raises, the device never sees a BAR/ROM write, the pin stays 0, MSI-X state stays sane."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hyperpy.irq import InterruptRouter
+    from hyperpy.memslots import MemorySlots
+
+    access = st.tuples(st.sampled_from(["cr", "cw", "br", "bw"]), st.integers(0, 0x1100),
+                       st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**64 - 1),
+                       st.sampled_from([0, 2, 4]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(access, max_size=40))
+    def run(ops):
+        vm, loop = FakeVm(), FakeLoop()
+        container = SimulatedType1Container()
+        sim = S.SimulatedVfioDevice("sim:f", container)
+        dev = VfioPciDevice(sim, router=InterruptRouter(vm), loop=loop,
+                            slots=MemorySlots(vm, 1), container=container)
+        bars = bytes(sim._config[U.PCI_BASE_ADDRESS_0:U.PCI_ROM_ADDRESS + 4])
+        try:
+            for kind, off, size, value, bar in ops:
+                value &= (1 << (8 * size)) - 1
+                if kind == "cr":
+                    assert 0 <= dev.config_read(off, size) < 1 << (8 * size)
+                elif kind == "cw":
+                    dev.config_write(off, size, value)
+                elif kind == "br":
+                    dev.bar_read(bar, off, size)
+                else:
+                    dev.bar_write(bar, off, size, value)
+            assert bytes(sim._config[U.PCI_BASE_ADDRESS_0:U.PCI_ROM_ADDRESS + 4]) == bars
+            assert dev.config_read(U.PCI_INTERRUPT_PIN, 1) == 0
+            fds = sim._irq_fds[_vfio.VFIO_PCI_MSIX_IRQ_INDEX]
+            assert fds == ([v.fd for v in dev.msix.vectors] if dev.msix.enabled else [])
+        finally:
+            dev.close()
+
+    run()
