@@ -123,6 +123,10 @@ cdef class BlkWorker:
     cdef Chain *chain
     cdef readonly uint64_t requests
     cdef readonly uint64_t errors
+    cdef readonly uint64_t read_bytes     # disk bytes read into guest buffers
+    cdef readonly uint64_t write_bytes    # guest bytes written to the disk
+    cdef readonly uint64_t reads          # completed read requests
+    cdef readonly uint64_t writes         # completed write requests
 
     def __cinit__(self):
         self.chain = <Chain *>malloc(sizeof(Chain))
@@ -140,6 +144,7 @@ cdef class BlkWorker:
         memcpy(self.serial, <char *>serial, min(len(serial), 20))
         self.requests = 0
         self.errors = 0
+        self.read_bytes = self.write_bytes = self.reads = self.writes = 0
 
     cpdef long process(self, SplitQueue q):
         """Complete every available request.
@@ -188,11 +193,17 @@ cdef class BlkWorker:
                 st = self._rw(c, wfirst, wcount, hdr.sector, length, False)
                 if st == VIRTIO_BLK_S_OK:
                     written = length
+                    self.reads += 1
+                    self.read_bytes += length
             elif hdr.type == VIRTIO_BLK_T_OUT:
                 if self.readonly:
                     st = VIRTIO_BLK_S_IOERR
                 else:
-                    st = self._rw(c, rfirst, rcount, hdr.sector, c.readable_len - sizeof(hdr), True)
+                    length = c.readable_len - sizeof(hdr)
+                    st = self._rw(c, rfirst, rcount, hdr.sector, length, True)
+                    if st == VIRTIO_BLK_S_OK:
+                        self.writes += 1
+                        self.write_bytes += length
             elif hdr.type == VIRTIO_BLK_T_FLUSH:
                 if not self.readonly and fdatasync(self.fd) != 0:
                     st = VIRTIO_BLK_S_IOERR

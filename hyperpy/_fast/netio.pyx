@@ -91,6 +91,8 @@ cdef class NetWorker:
     cdef readonly uint64_t tx_frames
     cdef readonly uint64_t rx_frames
     cdef readonly uint64_t tx_errors
+    cdef readonly uint64_t tx_bytes      # frame bytes (virtio-net header included) to the tap
+    cdef readonly uint64_t rx_bytes      # frame bytes (header included) into guest buffers
 
     def __cinit__(self):
         self.chain = <Chain *>malloc(sizeof(Chain))
@@ -107,7 +109,7 @@ cdef class NetWorker:
         """Send every frame the driver queued.  Returns (frames, should_notify, broken)."""
         cdef int r
         cdef long n
-        cdef uint64_t done = 0, errs = 0
+        cdef uint64_t done = 0, errs = 0, nbytes = 0
         cdef bint notify
         with nogil:
             while True:
@@ -118,6 +120,8 @@ cdef class NetWorker:
                     n = writev(self.tap, &self.chain.iov[0], self.chain.n_readable)
                     if n < 0:
                         errs += 1   # e.g. the tap is down: the frame is dropped, as on a wire
+                    else:
+                        nbytes += <uint64_t>n
                 else:
                     errs += 1
                 q.push_used(self.chain.head, 0)
@@ -125,6 +129,7 @@ cdef class NetWorker:
             notify = q.should_notify() if done else False
         self.tx_frames += done
         self.tx_errors += errs
+        self.tx_bytes += nbytes
         return done, notify, r < 0
 
     def rx(self, SplitQueue q):
@@ -135,7 +140,7 @@ cdef class NetWorker:
         """
         cdef int r = 0
         cdef long n
-        cdef uint64_t done = 0
+        cdef uint64_t done = 0, nbytes = 0
         cdef bint notify, starved = False
         cdef virtio_net_hdr_v1 *hdr
         cdef pollfd pfd
@@ -163,7 +168,9 @@ cdef class NetWorker:
                 hdr = <virtio_net_hdr_v1 *>self.chain.iov[self.chain.n_readable].iov_base
                 hdr.num_buffers = 1   # no VIRTIO_NET_F_MRG_RXBUF: one buffer per frame
                 q.push_used(self.chain.head, <uint32_t>n)
+                nbytes += <uint64_t>n
                 done += 1
             notify = q.should_notify() if done else False
         self.rx_frames += done
+        self.rx_bytes += nbytes
         return done, notify, r < 0, starved

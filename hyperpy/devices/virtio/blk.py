@@ -57,6 +57,11 @@ class Block(VirtioDevice):
         if self.worker.process(ctx.queues[index]) & PROCESS_NOTIFY:
             ctx.signal_used(index)
 
+    def counters(self) -> dict[str, int]:
+        w = self.worker
+        return {"requests": w.requests, "errors": w.errors, "read_ops": w.reads,
+                "read_bytes": w.read_bytes, "write_ops": w.writes, "write_bytes": w.write_bytes}
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -30,6 +30,9 @@ class Console(VirtioDevice):
         self._input: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
         self.bytes_out = 0
+        self.bytes_in = 0
+        self.tx_requests = 0
+        self.rx_requests = 0
 
     def queue_notify(self, index: int) -> None:
         ctx = self.ctx
@@ -57,6 +60,7 @@ class Console(VirtioDevice):
                     self.out_fd = None
             q.push_used_py(chain.head, 0)
             done += 1
+        self.tx_requests += done
         if done and q.should_notify_py():
             ctx.signal_used(TX)
 
@@ -71,9 +75,15 @@ class Console(VirtioDevice):
                 n = min(chain.writable_len, len(self._input))
                 data = bytes(self._input.popleft() for _ in range(n))
                 q.push_used_py(chain.head, q.write_chain_bytes(chain, data))
+                self.bytes_in += len(data)
                 done += 1
+            self.rx_requests += done
         if done and q.should_notify_py():
             ctx.signal_used(RX)
+
+    def counters(self) -> dict[str, int]:
+        return {"tx_requests": self.tx_requests, "tx_bytes": self.bytes_out,
+                "rx_requests": self.rx_requests, "rx_bytes": self.bytes_in}
 
     def enqueue_input(self, data: bytes) -> None:
         """Host input for the guest (e.g. stdin); delivered as rx buffers allow."""

@@ -60,3 +60,8 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources (files, taps) when the VM ends."""
+
+    def counters(self) -> dict[str, int]:
+        """Request and byte counts for ``vm.counters`` (names as cloud-hypervisor's where they
+        exist); read without locks, so a value may lag by the request being served."""
+        return {}

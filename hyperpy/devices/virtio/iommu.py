@@ -47,6 +47,13 @@ class Iommu(VirtioDevice):
         self.core = core
         self.worker = RequestQueueWorker()
 
+    def counters(self) -> dict[str, int]:
+        c = self.core
+        out = {"requests": c.requests, "maps": c.maps, "unmaps": c.unmaps,
+               "unanswered_requests": c.unwritten}
+        out.update({f"status_{k.lower()}": v for k, v in c.status_counts.items()})
+        return out
+
     def activate(self, ctx: DeviceContext) -> None:
         super().activate(ctx)
         self.core.set_negotiated(ctx.driver_features)

@@ -284,6 +284,12 @@ class Net(VirtioDevice):
             self._ctrl = None
             super().reset()
 
+    def counters(self) -> dict[str, int]:
+        ws = self.workers
+        return {"rx_frames": sum(w.rx_frames for w in ws), "rx_bytes": sum(w.rx_bytes for w in ws),
+                "tx_frames": sum(w.tx_frames for w in ws), "tx_bytes": sum(w.tx_bytes for w in ws),
+                "tx_errors": sum(w.tx_errors for w in ws)}
+
     def close(self) -> None:
         for p in range(len(self.tap_fds)):
             self._poll_tap(p, False)

@@ -24,6 +24,8 @@ class Rng(VirtioDevice):
             raise DeviceError(f"--rng: cannot open {src}: {e.strerror}", "give src=/dev/urandom") from None
         super().__init__([queue_size])
         self.src = Path(src)
+        self.requests = 0
+        self.bytes = 0
 
     def queue_notify(self, index: int) -> None:
         ctx = self.ctx
@@ -36,11 +38,16 @@ class Rng(VirtioDevice):
                 want = min(chain.writable_len, MAX_PER_REQUEST)
                 data = os.read(self.fd, want) if want else b""
                 q.push_used_py(chain.head, q.write_chain_bytes(chain, data) if data else 0)
+                self.bytes += len(data)
                 done += 1
         except QueueError:
             pass   # the transport sees q.needs_reset and tells the driver
+        self.requests += done
         if done and q.should_notify_py():
             ctx.signal_used(index)
+
+    def counters(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes": self.bytes}
 
     def close(self) -> None:
         if self.fd >= 0:
