@@ -75,6 +75,11 @@ ACPI_SLEEP_STATUS_PORT = 0x601
 ACPI_RESET_PORT = 0x602           # write ACPI_RESET_VALUE: reset
 ACPI_RESET_VALUE = 0x1
 ACPI_S5_SLP_TYP = 5
+# Generic Event Device (ACPI0013): a read-to-clear event register and its interrupt (edge, active
+# high).  Bit ACPI_GED_POWER_BUTTON: the power button was pressed (DSDT: Notify(PWRB, 0x80)).
+ACPI_GED_PORT = 0x603
+ACPI_GED_IRQ = 5
+ACPI_GED_POWER_BUTTON = 1 << 0
 # GSIs for PCI INTx and MSI routes start above the IOAPIC's 24 pins.
 MSI_GSI_START = 24
 

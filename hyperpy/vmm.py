@@ -314,6 +314,10 @@ class VirtualMachine:
         self.acpi_pm = AcpiPm(on_poweroff=lambda: self.finish(VmExit(ExitReason.POWEROFF)),
                               on_reset=lambda: self.finish(VmExit(ExitReason.RESET)))
         self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, self.acpi_pm)
+        from .devices.legacy.ged import AcpiGed
+
+        self.ged = AcpiGed(self._ged_irq)
+        self.pio_bus.register(layout.ACPI_GED_PORT, 1, self.ged)
         extra = []
         if self.iommu_core is not None:
             from .acpi.viot import build_viot
@@ -328,6 +332,37 @@ class VirtualMachine:
         # 8250 interrupts are edge-triggered ISA interrupts: pulse the IOAPIC/PIC pin.
         self.vm.irq_line(layout.SERIAL_COM1_IRQ, 1)
         self.vm.irq_line(layout.SERIAL_COM1_IRQ, 0)
+
+    def _ged_irq(self) -> None:
+        self.vm.irq_line(layout.ACPI_GED_IRQ, 1)
+        self.vm.irq_line(layout.ACPI_GED_IRQ, 0)
+
+    def power_button(self) -> None:
+        """Press the ACPI power button: a GED event the guest's OSPM sees as PWRB notify 0x80."""
+        self.ged.trigger(layout.ACPI_GED_POWER_BUTTON)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``{device: {counter: value}}`` for ``vm.counters``: every virtio and VFIO device
+        (named by kind and plug order: blk0, net0, rng0, console0, iommu0, vfio0), the ACPI GED
+        and each vCPU's exits.  Read while the VM runs, without stopping it."""
+        out: dict[str, dict[str, int]] = {}
+        seen: dict[str, int] = {}
+
+        def name(kind: str) -> str:
+            n = seen.get(kind, 0)
+            seen[kind] = n + 1
+            return f"{kind}{n}"
+
+        for d in list(getattr(self, "virtio", [])):
+            dev = d.device
+            out[name(dev.name)] = {k: int(v) for k, v in dev.counters().items()}
+        for d in list(getattr(self, "vfio_devices", [])):
+            out[name("vfio")] = {k: int(v) for k, v in d.counters().items()
+                                 if isinstance(v, (int, bool))}
+        out["acpi-ged"] = {"events": self.ged.events, "reads": self.ged.reads}
+        for v in self.vcpus:
+            out[f"vcpu{v.index}"] = {"exits": int(v.exits)}
+        return out
 
     def _on_boot(self, bt: BootTime) -> None:
         self.stats.boot_time = bt

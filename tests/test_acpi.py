@@ -691,3 +691,20 @@ def test_pm_unknown_accesses_are_ignored():
     pm = r.pm()
     pm.write(5, 1, 0xFF)
     assert pm.read(5, 1) == 0 and pm.read(RESET, 1) == 0 and r.events == []
+
+
+@needs_iasl
+def test_iasl_dsdt_power_button_ged(tmp_path):
+    """The power button: a PNP0C0C device notified (0x80) from the GED's _EVT when the GED
+    event register (one byte of SystemIO at ACPI_GED_PORT) has the power-button bit, and the
+    GED's interrupt as an extended descriptor (edge, active high)."""
+    _, found, _ = walk(1, 512 * layout.MiB)
+    dsl = _disassemble(tmp_path, "DSDT", found["DSDT"])
+    for needle in ("Device (PWRB)", 'EisaId ("PNP0C0C")', "Device (GED0)", '"ACPI0013"',
+                   f"OperationRegion (GDST, SystemIO, 0x{layout.ACPI_GED_PORT:04X}, One)",
+                   "Field (GDST, ByteAcc, NoLock, WriteAsZeros)", "GDAT,   8",
+                   "Method (_EVT, 1, Serialized)", "Local0 = GDAT", "Notify (\\_SB.PWRB, 0x80)",
+                   "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+                   f"{layout.ACPI_GED_IRQ:#010x},"):
+        assert needle in dsl, (needle, dsl[dsl.find("PWRB") - 200:])
+    assert re.search(r"If \(\(Local0 & One\)\)|If \(And \(Local0, One\)\)", dsl), dsl

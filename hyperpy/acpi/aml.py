@@ -308,6 +308,84 @@ class Return:
         return bytes([RETURN_OP]) + to_aml(self.value)
 
 
+# --- Operation regions, fields and the few statements an event method needs -----------------------
+
+OP_REGION_OP = 0x80          # after EXT_OP_PREFIX
+FIELD_OP = 0x81              # after EXT_OP_PREFIX
+STORE_OP = 0x70
+AND_OP = 0x7B
+IF_OP = 0xA0
+NOTIFY_OP = 0x86
+REGION_SYSTEM_IO = 0x01
+FIELD_BYTE_ACC = 0x01
+FIELD_WRITE_AS_ZEROS = 0x40
+
+
+class OperationRegion:
+    """OperationRegion(name, SystemIO, offset, length)."""
+
+    def __init__(self, name: str, offset: int, length: int, space: int = REGION_SYSTEM_IO) -> None:
+        self.name, self.space, self.offset, self.length = name, space, offset, length
+
+    def encode(self) -> bytes:
+        return (bytes([EXT_OP_PREFIX, OP_REGION_OP]) + name_string(self.name) + bytes([self.space])
+                + to_aml(self.offset) + to_aml(self.length))
+
+
+class Field:
+    """Field(region, ByteAcc, NoLock, WriteAsZeros) { NAME, bits, ... } with ``fields`` given as
+    (name, bits) pairs."""
+
+    def __init__(self, region: str, *fields: tuple[str, int],
+                 flags: int = FIELD_BYTE_ACC | FIELD_WRITE_AS_ZEROS) -> None:
+        self.region, self.fields, self.flags = region, fields, flags
+
+    def encode(self) -> bytes:
+        body = b"".join(name_seg(n) + pkg_length(bits) for n, bits in self.fields)
+        return bytes([EXT_OP_PREFIX, FIELD_OP]) + with_pkg_length(
+            name_string(self.region) + bytes([self.flags]) + body)
+
+
+class Store:
+    """Store(value, target)."""
+
+    def __init__(self, value: AmlLike, target: AmlLike) -> None:
+        self.value, self.target = value, target
+
+    def encode(self) -> bytes:
+        return bytes([STORE_OP]) + to_aml(self.value) + to_aml(self.target)
+
+
+class And:
+    """And(a, b) with no target (a value for a predicate or a Store)."""
+
+    def __init__(self, a: AmlLike, b: AmlLike) -> None:
+        self.a, self.b = a, b
+
+    def encode(self) -> bytes:
+        return bytes([AND_OP]) + to_aml(self.a) + to_aml(self.b) + bytes([ZERO_OP])
+
+
+class If:
+    """If (predicate) { terms }."""
+
+    def __init__(self, predicate: AmlLike, *terms: AmlLike) -> None:
+        self.predicate, self.terms = predicate, list(terms)
+
+    def encode(self) -> bytes:
+        return bytes([IF_OP]) + with_pkg_length(to_aml(self.predicate) + _join(self.terms))
+
+
+class Notify:
+    """Notify(object, value)."""
+
+    def __init__(self, obj: str, value: int) -> None:
+        self.obj, self.value = obj, value
+
+    def encode(self) -> bytes:
+        return bytes([NOTIFY_OP]) + name_string(self.obj) + to_aml(self.value)
+
+
 class Arg(_Const):
     def __init__(self, n: int) -> None:
         if not 0 <= n <= 6:

@@ -230,10 +230,25 @@ def dsdt_terms(nr_vcpus: int, ram_size: int) -> list[aml.Aml]:
     )
     cpus = [aml.Device(f"C{cpu:03X}", aml.Name("_HID", "ACPI0007"), aml.Name("_UID", cpu))
             for cpu in range(nr_vcpus)]
+    # Hardware-reduced ACPI has no fixed power button: a control-method power button (PNP0C0C)
+    # notified from the Generic Event Device's _EVT when the GED's event register says so.
+    pwrb = aml.Device("PWRB", aml.Name("_HID", aml.EisaId("PNP0C0C")), aml.Name("_UID", 0))
+    ged = aml.Device(
+        "GED0",
+        aml.Name("_HID", "ACPI0013"),
+        aml.Name("_UID", 0),
+        aml.Name("_CRS", aml.ResourceTemplate(aml.Interrupt(layout.ACPI_GED_IRQ))),
+        aml.OperationRegion("GDST", layout.ACPI_GED_PORT, 1),
+        aml.Field("GDST", ("GDAT", 8)),
+        aml.Method("_EVT", aml.Store(aml.NamePath("GDAT"), aml.Local(0)),
+                   aml.If(aml.And(aml.Local(0), layout.ACPI_GED_POWER_BUTTON),
+                          aml.Notify("\\_SB_.PWRB", 0x80)),
+                   args=1, serialized=True),
+    )
     if nr_vcpus > 0x1000:
         raise AcpiError(f"cannot name {nr_vcpus} processor devices", "at most 4096 vCPUs")
     return [
-        aml.Scope("\\_SB_", pci0, mbrd, com1, *cpus),
+        aml.Scope("\\_SB_", pci0, mbrd, com1, *cpus, pwrb, ged),
         aml.Name("\\_S5_", aml.Package(layout.ACPI_S5_SLP_TYP, 0, 0, 0)),
     ]
 

@@ -75,6 +75,7 @@ _SPECS: dict[str, tuple[str | tuple[str, ...], str, list[str]]] = {
     "acpi": (("acpi.c", "intr.c"), "pvh", DEVICE_CFLAGS),
     "virtio_iommu": (("virtio_iommu.c", *VIRTIO_LIB), "pvh", DEVICE_CFLAGS),
     "iommu_map": (("iommu_map.c", *VIRTIO_LIB), "pvh", DEVICE_CFLAGS),
+    "power_button": (("power_button.c", *VIRTIO_LIB), "pvh", DEVICE_CFLAGS),
     "vfio_dma": (("vfio_dma.c", *VIRTIO_LIB), "pvh", DEVICE_CFLAGS),
 }
 GUESTS: list[str] = list(_SPECS)
