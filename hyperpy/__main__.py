@@ -1,6 +1,6 @@
 """``python -m hyperpy``: the same as the ``hyperpy`` command."""
 
-from hyperpy.cli import main
+from hyperpy.launch import main
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from . import __version__
 from .config import build_vm_config
 from .cpuid import mask_names
 from .errors import ConfigError, HyperpyError
+from .vhost_user.cli import app as vhost_user_app
 
 PROG = "hyperpy"
 EXIT_USAGE = 2
@@ -69,6 +70,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(vhost_user_app, name="vhost-user")
 
 
 def _print_error(message: str) -> None:
@@ -154,6 +156,10 @@ DEVICE_HELP = ("A VFIO device (repeatable): path=/sys/bus/pci/devices/DDDD:BB:DD
                "path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS][,batching=off] for the SIMULATED type1 "
                "container (hosts without /dev/vfio; tests and benchmarks).  "
                "Example: --device path=sim:gpu0,iommu=on")
+API_SOCKET_HELP = ("Serve the cloud-hypervisor-compatible REST API on a Unix socket (created 0600; an "
+                   "existing path is refused).  Without --kernel, start with no VM and wait for vm.create; "
+                   "the process runs until vmm.shutdown.  See docs/api.md.  "
+                   "Example: --api-socket path=/run/hyperpy.sock")
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
 LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
 
@@ -224,11 +230,20 @@ def run(
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help=LOG_FILE_HELP,
                                                   metavar="PATH", dir_okay=False)] = None,
+    api_socket: Annotated[str | None, typer.Option("--api-socket", help=API_SOCKET_HELP,
+                                                   metavar="path=PATH")] = None,
 ) -> None:
     """``hyperpy run``: build the VmConfig, hand it to :func:`hyperpy.vmm.run_vm`, exit with
     the status it returns."""
     try:
         setup_logging(verbose, log_file)
+        if api_socket is not None:
+            from .api.service import run_command
+
+            raise typer.Exit(run_command(api_socket, dict(
+                kernel=kernel, cpus=cpus, memory=memory, initramfs=initramfs, cmdline=cmdline,
+                serial=serial, console=console, disks=disk or (), nets=net or (), rng=rng,
+                iommu=iommu, devices=device or ())))
         cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
                               cmdline=cmdline, serial=serial, console=console,
                               disks=disk or (), nets=net or (), rng=rng, iommu=iommu,
@@ -252,6 +267,26 @@ def _load_run_vm() -> Any:
         raise HyperpyError(f"cannot load the VMM ({e})",
                            "build the Cython extensions, e.g. pip install -e .") from None
     return run_vm
+
+
+REMOTE_HELP = (
+    "Send one request to a hyperpy (or cloud-hypervisor) API socket and print the JSON reply.\n\n"
+    "COMMAND is one of: ping, info, counters, create CONFIG.json, boot, pause, resume, shutdown, "
+    "reboot, power-button, delete, shutdown-vmm.  Exit status 1 with the server's message when it "
+    "answers an error.\n\nExample: hyperpy remote --api-socket /run/hyperpy.sock info"
+)
+
+
+@app.command(help=REMOTE_HELP)
+def remote(
+    api_socket: Annotated[str, typer.Option("--api-socket", metavar="PATH",
+                                            help="The API socket of the VMM.")],
+    command: Annotated[str, typer.Argument(metavar="COMMAND")],
+    arg: Annotated[str | None, typer.Argument(metavar="[CONFIG.json]")] = None,
+) -> None:
+    from .api.client import main as remote_main
+
+    raise typer.Exit(remote_main(api_socket, command, arg))
 
 
 @app.command()

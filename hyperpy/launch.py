@@ -1,0 +1,100 @@
+"""The ``hyperpy`` command's entry point: a fast path for the API commands, typer for the rest.
+
+``hyperpy run --api-socket ...`` and ``hyperpy remote ...`` are what orchestrators start and
+call many times, so they are parsed here with argparse and never import typer/rich (about
+half of a ``hyperpy`` process's start-up).  Anything this parser does not accept exactly (help,
+a typo, an unknown option) falls through to the typer command line, which prints the canonical
+help or one-line error; both accept the same options and call the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _fast_parser(command: str):
+    import argparse
+
+    class _Refuse(Exception):
+        pass
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):          # fall back to typer for the message
+            raise _Refuse(message)
+
+    p = Parser(prog=f"hyperpy {command}", add_help=False, allow_abbrev=False, exit_on_error=False)
+    p.refuse = _Refuse
+    if command == "remote":
+        p.add_argument("--api-socket", required=True)
+        p.add_argument("command")
+        p.add_argument("arg", nargs="?")
+        return p
+    for opt in ("kernel", "cpus", "memory", "initramfs", "cmdline", "rng", "iommu", "log-file"):
+        p.add_argument(f"--{opt}")
+    p.add_argument("--serial", default="tty")
+    p.add_argument("--console", default="off")
+    for opt in ("disk", "net", "device"):
+        p.add_argument(f"--{opt}", action="append", default=[])
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--api-socket", required=True)
+    return p
+
+
+def _setup_logging(verbose: int, log_file: str | None) -> None:
+    """The same log set-up as ``hyperpy.cli.setup_logging`` (formats and levels)."""
+    import logging
+
+    logger = logging.getLogger("hyperpy")
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("hyperpy: %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+    logger.propagate = False
+
+
+def fast_main(argv: list[str]) -> int | None:
+    """Run ``argv`` if it is an API command this parser accepts exactly, else None."""
+    if not argv or argv[0] not in ("run", "remote") or any(a in ("-h", "--help") for a in argv):
+        return None
+    if argv[0] == "run" and not any(a == "--api-socket" or a.startswith("--api-socket=") for a in argv):
+        return None
+    p = _fast_parser(argv[0])
+    try:
+        ns = p.parse_args(argv[1:])
+    except (p.refuse, Exception):
+        return None
+    if argv[0] == "remote":
+        from .api.client import main as remote_main
+
+        return remote_main(ns.api_socket, ns.command, ns.arg)
+    from .errors import HyperpyError
+
+    try:
+        try:
+            _setup_logging(ns.verbose, ns.log_file)
+        except OSError as e:
+            raise HyperpyError(f"--log-file: cannot open {ns.log_file}: {e.strerror}") from None
+        from .api.service import run_command
+
+        return run_command(ns.api_socket, dict(
+            kernel=ns.kernel, cpus=ns.cpus, memory=ns.memory, initramfs=ns.initramfs,
+            cmdline=ns.cmdline, serial=ns.serial, console=ns.console, disks=ns.disk, nets=ns.net,
+            rng=ns.rng, iommu=ns.iommu, devices=ns.device))
+    except HyperpyError as e:
+        print(f"hyperpy: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    rc = fast_main(sys.argv[1:])
+    if rc is not None:
+        sys.exit(rc)
+    from .cli import main as typer_main
+
+    typer_main()
