@@ -190,6 +190,13 @@ class Net(VirtioDevice):
         if notify:
             ctx.signal_used(2 * pair + TX)
 
+    def set_active_pairs(self, n: int) -> None:
+        """Use pairs 0..n-1 (a transport without the control queue -- vhost-user, where the
+        front-end turns VQ_PAIRS_SET into SET_VRING_ENABLE -- calls this)."""
+        with self._pairs_lock:
+            if self.ctx is not None and 1 <= n <= self.max_pairs and n != self.active_pairs:
+                self._set_pairs(n)
+
     def _set_pairs(self, n: int) -> None:
         """Use the first ``n`` pairs from now on (the rest get no frames and send none)."""
         old = self.active_pairs
