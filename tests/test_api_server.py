@@ -279,3 +279,48 @@ def test_malformed_bytes_never_take_the_server_down(api, data):
         for status, _, _ in replies:
             assert 200 <= status < 600 and status != 500, (data, raw[:200])
     assert request(api.path, "GET", "/vmm.ping")[0] == 200
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_api_start_imports_neither_typer_nor_the_vmm(tmp_path):
+    """`run --api-socket` without a VM takes the argparse fast path: no typer/rich, no KVM code,
+    so the socket answers soon after the interpreter starts (bench/test_bench_api.py)."""
+    import subprocess
+    import sys
+    import time
+
+    d = tempfile.mkdtemp(prefix="hpapi", dir="/tmp")
+    sock = os.path.join(d, "api.sock")
+    try:
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "hyperpy", "run", "--api-socket",
+                                 f"path={sock}"], stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        assert call(sock, "ping")["pid"] == proc.pid
+        assert call(sock, "shutdown-vmm") is None
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    imported = {line.split("|")[-1].strip() for line in err.decode().splitlines() if "|" in line}
+    assert "hyperpy.api.server" in imported
+    for heavy in ("typer", "rich", "click", "hyperpy.vmm", "hyperpy.config", "hyperpy._fast.kvm"):
+        assert heavy not in imported, heavy
+
+
+def test_help_and_typos_fall_back_to_the_full_command_line(hyperpy_cli):
+    r = hyperpy_cli("run", "--help")
+    assert r.returncode == 0 and "--api-socket" in r.stdout.decode()
+    r = hyperpy_cli("remote", "--help")
+    assert r.returncode == 0 and "power-button" in r.stdout.decode()
+    r = hyperpy_cli("run", "--api-socket", "path=/tmp/x.sock", "--kernal", "k")    # a typo
+    assert r.returncode == 2 and r.stderr.decode().startswith("hyperpy: error: No such option: --kernal")
+    r = hyperpy_cli("remote", "--api-socket", "/nonexistent/api.sock", "ping")
+    assert r.returncode == 1
+    assert r.stderr.decode().startswith("hyperpy: error: cannot connect to /nonexistent/api.sock")
+    r = hyperpy_cli("remote", "--api-socket", "/nonexistent/api.sock", "explode")
+    assert r.returncode == 2 and "unknown command 'explode'" in r.stderr.decode()

@@ -87,11 +87,11 @@ VM_OPTION_FLAGS = {"cpus": "--cpus", "memory": "--memory", "initramfs": "--initr
 def run_command(api_socket: str, vm_options: dict) -> int:
     """``hyperpy run --api-socket ...``: with ``--kernel`` boot that VM at once, without any VM
     option start empty and wait for ``vm.create``."""
-    from ..config import build_vm_config
-
     path = parse_api_socket(api_socket)
     config = None
     if vm_options.get("kernel") is not None:
+        from ..config import build_vm_config    # not before: an empty start stays quick
+
         config = build_vm_config(**vm_options)
     else:
         given = [flag for name, flag in VM_OPTION_FLAGS.items() if vm_options.get(name)]
