@@ -12,18 +12,18 @@ from __future__ import annotations
 import sys
 
 
+class _Refuse(Exception):
+    """The fast parser does not take this command line; the typer one will."""
+
+
 def _fast_parser(command: str):
     import argparse
-
-    class _Refuse(Exception):
-        pass
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):          # fall back to typer for the message
             raise _Refuse(message)
 
     p = Parser(prog=f"hyperpy {command}", add_help=False, allow_abbrev=False, exit_on_error=False)
-    p.refuse = _Refuse
     if command == "remote":
         p.add_argument("--api-socket", required=True)
         p.add_argument("command")
@@ -62,10 +62,12 @@ def fast_main(argv: list[str]) -> int | None:
         return None
     if argv[0] == "run" and not any(a == "--api-socket" or a.startswith("--api-socket=") for a in argv):
         return None
+    import argparse
+
     p = _fast_parser(argv[0])
     try:
         ns = p.parse_args(argv[1:])
-    except (p.refuse, Exception):
+    except (_Refuse, argparse.ArgumentError):
         return None
     if argv[0] == "remote":
         from .api.client import main as remote_main
