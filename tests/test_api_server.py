@@ -324,3 +324,17 @@ def test_help_and_typos_fall_back_to_the_full_command_line(hyperpy_cli):
     assert r.stderr.decode().startswith("hyperpy: error: cannot connect to /nonexistent/api.sock")
     r = hyperpy_cli("remote", "--api-socket", "/nonexistent/api.sock", "explode")
     assert r.returncode == 2 and "unknown command 'explode'" in r.stderr.decode()
+
+
+def test_typer_command_line_takes_api_socket_too(tmp_path):
+    """Without the fast path (the typer app itself, e.g. the old entry point), --api-socket goes
+    to the same code: an existing path is refused with the one-line error."""
+    from typer.testing import CliRunner
+
+    from hyperpy.cli import app
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    result = CliRunner().invoke(app, ["run", "--api-socket", f"path={taken}"])
+    assert result.exit_code == 2
+    assert f"hyperpy: error: --api-socket: {taken} already exists and is not a socket" in result.output

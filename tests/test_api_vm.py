@@ -194,3 +194,21 @@ def test_generated_requests_against_the_running_vmm(kvm, running_vmm, method, pa
     elif st_ == "Shutdown":                         # power-button / shutdown: boot it again
         checked(sock, "PUT", "/vm.boot", expect=204)
     assert running_vmm.proc.poll() is None
+
+
+def test_counters_of_iommu_and_vfio_devices(kvm, guests, sockdir):
+    """vm.counters names the virtio-iommu's MAP/UNMAP counts and the VFIO container's DMA ioctls:
+    a simulated VFIO device outside the vIOMMU gets all guest RAM mapped at start."""
+    sock = sockdir / "api.sock"
+    with ApiProcess(sock) as vmm:
+        vmm.wait_ready()
+        p = str(sock)
+        cfg = {"memory": {"size": 64 << 20}, "payload": {"kernel": str(guests["power_button"])},
+               "devices": [{"path": "sim:gpu0"}], "iommu": True, "serial": {"mode": "Off"}}
+        checked(p, "PUT", "/vm.create", cfg, expect=204)
+        checked(p, "PUT", "/vm.boot", expect=204)
+        counters = checked(p, "GET", "/vm.counters", expect=200)[1]
+        assert counters["vfio0"]["map_calls"] >= 1 and counters["vfio0"]["unmap_calls"] == 0
+        assert counters["iommu0"]["maps"] == 0 and counters["iommu0"]["unmaps"] == 0
+        assert counters["iommu0"]["requests"] == 0
+        assert checked(p, "GET", "/vm.info", expect=200)[1]["config"]["iommu"] is True
