@@ -264,8 +264,9 @@ class VhostUserServer:
                    R.GET_QUEUE_NUM, R.SET_BACKEND_REQ_FD, R.GET_CONFIG, R.SET_CONFIG,
                    R.RESET_DEVICE) and not t.features >> P.F_PROTOCOL_FEATURES & 1:
             raise Refused("protocol features are not offered")
-        needs_pf = {R.GET_QUEUE_NUM: P.ProtocolFeature.MQ,
-                    R.SET_BACKEND_REQ_FD: P.ProtocolFeature.BACKEND_REQ,
+        if req == R.GET_QUEUE_NUM and not t.protocol_features >> P.ProtocolFeature.MQ & 1:
+            raise Refused("needs VHOST_USER_PROTOCOL_F_MQ offered")
+        needs_pf = {R.SET_BACKEND_REQ_FD: P.ProtocolFeature.BACKEND_REQ,
                     R.GET_CONFIG: P.ProtocolFeature.CONFIG, R.SET_CONFIG: P.ProtocolFeature.CONFIG,
                     R.RESET_DEVICE: P.ProtocolFeature.RESET_DEVICE}.get(req)
         if needs_pf is not None and not t.protocol(needs_pf):

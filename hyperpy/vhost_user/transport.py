@@ -130,6 +130,7 @@ class VhostUserTransport:
         self.iotlb = V.IotlbAddressSpace(self.memory)
         self.loop.add(self._miss_fd, self._misses_signalled)
         self.negotiated_history: list[int] = []
+        self.kicks = [0] * len(self.rings)     # kick-fd notifications served, per ring
         self._reset_state()
 
     # ------------------------------------------------------------------ state
@@ -499,7 +500,8 @@ class VhostUserTransport:
     def _deactivate(self) -> None:
         if self.ctx is not None:
             self.device.reset()
-            log.info("%s: device stopped", self.name)
+            log.info("%s: device stopped (kicks served per ring: %s)", self.name,
+                     " ".join(map(str, self.kicks)))
         self.ctx = None
         self.queues = None
         self.space = None
@@ -526,6 +528,8 @@ class VhostUserTransport:
                 pass
         if not (r.running and r.enabled) or self.ctx is None:
             return
+        if read:
+            self.kicks[r.index] += 1
         self.device.queue_notify(r.index)
         q = self.queues[r.index] if self.queues is not None else None
         if q is not None and q.needs_reset and not r.waiting_iotlb:
