@@ -329,12 +329,24 @@ def test_help_and_typos_fall_back_to_the_full_command_line(hyperpy_cli):
 def test_typer_command_line_takes_api_socket_too(tmp_path):
     """Without the fast path (the typer app itself, e.g. the old entry point), --api-socket goes
     to the same code: an existing path is refused with the one-line error."""
+    import logging
+
     from typer.testing import CliRunner
 
-    from hyperpy.cli import app
+    from hyperpy import cli
 
     taken = tmp_path / "taken"
     taken.write_text("")
-    result = CliRunner().invoke(app, ["run", "--api-socket", f"path={taken}"])
+    logger = logging.getLogger("hyperpy")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        result = CliRunner().invoke(cli.app, ["run", "--api-socket", f"path={taken}"])
+    finally:            # run's log set-up must not outlive the test (its stderr is gone)
+        for h in cli._handlers:
+            h.close()
+        cli._handlers.clear()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
     assert result.exit_code == 2
     assert f"hyperpy: error: --api-socket: {taken} already exists and is not a socket" in result.output
