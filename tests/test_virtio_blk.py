@@ -134,3 +134,13 @@ def test_malformed_chain_breaks_only_the_queue(mem, image):
     h.drv.add_raw([(0x7FF_FFFF_F000, 16, 0), (0x2000, 1, 2)])
     result = h.dev.worker.process(h.q)
     assert result & 1 and result >> 2 == 0 and h.q.needs_reset   # broken, nothing done
+
+
+def test_counters_count_completed_reads_and_writes(mem, image):
+    h = Harness(mem, image)
+    h.request(U.VIRTIO_BLK_T_IN, sector=0, read_len=2 * SECTOR)
+    h.request(U.VIRTIO_BLK_T_OUT, sector=1, data=b"w" * SECTOR)
+    h.request(U.VIRTIO_BLK_T_IN, sector=64, read_len=SECTOR)          # past the end: an error
+    h.request(U.VIRTIO_BLK_T_FLUSH)
+    assert h.dev.counters() == {"requests": 4, "errors": 1, "read_ops": 1, "read_bytes": 2 * SECTOR,
+                                "write_ops": 1, "write_bytes": SECTOR}
