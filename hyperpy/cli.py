@@ -152,10 +152,11 @@ RNG_HELP = "A virtio-rng entropy device: src=FILE (default /dev/urandom).  Examp
 IOMMU_HELP = ("The virtio-iommu that iommu=on devices sit behind (added automatically when a device "
               "says iommu=on): [page_sizes=4K,2M,1G][,bypass=on][,max_mappings=N][,max_domains=N].  "
               "Example: --iommu page_sizes=4K,2M")
-DEVICE_HELP = ("A VFIO device (repeatable): path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on], or "
-               "path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS][,batching=off] for the SIMULATED type1 "
-               "container (hosts without /dev/vfio; tests and benchmarks).  "
-               "Example: --device path=sim:gpu0,iommu=on")
+DEVICE_HELP = ("A PCI function passed through with VFIO (repeatable): "
+               "path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on][,batching=off], bound to vfio-pci on the "
+               "host; or path=sim:NAME[,iommu=on][,entry_limit=N][,pin_ns=NS][,batching=off] for the "
+               "SIMULATED vfio-pci device and type1 container (hosts without /dev/vfio; tests and "
+               "benchmarks).  Example: --device path=0000:01:00.0,iommu=on")
 API_SOCKET_HELP = ("Serve the cloud-hypervisor-compatible REST API on a Unix socket (created 0600; an "
                    "existing path is refused).  Without --kernel, start with no VM and wait for vm.create; "
                    "the process runs until vmm.shutdown.  See docs/api.md.  "

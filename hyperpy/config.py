@@ -590,6 +590,8 @@ def parse_device(value: str) -> DeviceConfig:
     if not path:
         raise ConfigError("--device: path= is required (e.g. path=/sys/bus/pci/devices/0000:01:00.0)")
     sim = path.startswith(SIM_PREFIX)
+    if not sim and re.fullmatch(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]", path):
+        path = f"/sys/bus/pci/devices/{path.lower()}"      # a bare DDDD:BB:DD.F
     if not sim and not Path(path).exists():
         raise ConfigError(f"--device path: no such device: {path} (give /sys/bus/pci/devices/DDDD:BB:DD.F, "
                           "or sim:NAME for the simulated VFIO container)")

@@ -343,3 +343,13 @@ def test_random_config_and_bar_accesses_never_crash_or_leak_into_owned_registers
             dev.close()
 
     run()
+
+
+def test_device_option_takes_a_bare_bdf():
+    from hyperpy.config import parse_device
+    from hyperpy.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_device("path=0000:7f:1f.7")
+    assert "/sys/bus/pci/devices/0000:7f:1f.7" in str(e.value)
+    assert parse_device("path=sim:x,iommu=on").simulated
