@@ -13,6 +13,12 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 # iasl/acpiexec disassemble and interpret the ACPI tables hyperpy generates.
 command -v iasl >/dev/null || need_apt+=(acpica-tools)
+# The Linux tier (tests/test_vhost_user_linux.py): qemu-storage-daemon is the benchmark's peer
+# back-end; e2fsprogs makes and checks the guest's ext4; kmod (depmod) and zstd build the kit.
+command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
+command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
+command -v depmod >/dev/null || [ -x /sbin/depmod ] || need_apt+=(kmod)
+command -v zstd >/dev/null || need_apt+=(zstd)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null) \
@@ -33,6 +39,11 @@ echo "== fetching Debian's cloud kernel (an independent PVH ELF for the boot tes
 export HYPERPY_DEBIAN_KERNEL_DIR=${HYPERPY_DEBIAN_KERNEL_DIR:-$ROOT/.kernels}
 bash scripts/fetch-debian-kernel.sh "$HYPERPY_DEBIAN_KERNEL_DIR" \
     || echo "warning: could not fetch the Debian kernel; tests/test_external_kernel.py will say so"
+
+echo "== building the Linux guest kit (Debian's 6.12 cloud kernel + busybox) for the linux tier"
+export HYPERPY_GUEST_KIT=${HYPERPY_GUEST_KIT:-${XDG_CACHE_HOME:-$HOME/.cache}/hyperpy/guest-kit}
+bash scripts/build-guest-kit.sh "$HYPERPY_GUEST_KIT" \
+    || echo "warning: could not build the guest kit; the linux-tier tests will try again and fail"
 
 echo "== benchmarks (figures only; never gated on a time)"
 HYPERPY_BENCH_EXITS=${HYPERPY_BENCH_EXITS:-100000} HYPERPY_BENCH_STARTUP_ROUNDS=${HYPERPY_BENCH_STARTUP_ROUNDS:-3} \

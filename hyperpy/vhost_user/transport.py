@@ -122,6 +122,9 @@ class VhostUserTransport:
         if iommu:
             self.features |= 1 << U.VIRTIO_F_ACCESS_PLATFORM
         self.protocol_features = PROTOCOL_FEATURES
+        if device.device_type == U.VIRTIO_ID_NET:
+            # The front-end owns virtio-net's config space (MAC, status): no GET_CONFIG.
+            self.protocol_features &= ~(1 << PF.CONFIG)
         #: What GET_QUEUE_NUM answers (queue pairs for net, queues otherwise).
         self.queue_num = queue_num if queue_num is not None else len(device.queue_sizes)
         self.rings = [_Vring(i, sz) for i, sz in enumerate(device.queue_sizes)]
@@ -138,6 +141,7 @@ class VhostUserTransport:
     def _reset_state(self) -> None:
         self.acked_features: int | None = None
         self.acked_protocol = 0
+        self.protocol_set = False
         self.owner = False
         self.ctx: DeviceContext | None = None
         self.queues: list[SplitQueue] | None = None
@@ -206,6 +210,7 @@ class VhostUserTransport:
             raise Refused(f"protocol features {value:#x} include bits the back-end did not offer "
                           f"({extra:#x}); ack a subset of GET_PROTOCOL_FEATURES")
         self.acked_protocol = value
+        self.protocol_set = True
         log.info("%s: protocol features %#x: %s", self.name, value,
                  " ".join(P.protocol_names(value)))
 
@@ -323,6 +328,7 @@ class VhostUserTransport:
         if num not in (0, 1):
             raise Refused(f"ring {index}: SET_VRING_ENABLE value {num} is not 0 or 1")
         r.enabled = bool(num)
+        log.info("%s: ring %d %s", self.name, index, "enabled" if r.enabled else "disabled")
         if r.enabled:
             self._try_run(r)
         self._pairs_changed()
@@ -331,7 +337,9 @@ class VhostUserTransport:
 
     @property
     def protocol_negotiated(self) -> bool:
-        return self._has(P.F_PROTOCOL_FEATURES)
+        """VHOST_USER_F_PROTOCOL_FEATURES in use: acked in SET_FEATURES, or (front-ends enable
+        rings before they send SET_FEATURES) protocol features already set."""
+        return self._has(P.F_PROTOCOL_FEATURES) or self.protocol_set
 
     def reset_device(self) -> None:
         for r in self.rings:
@@ -502,6 +510,9 @@ class VhostUserTransport:
             self.device.reset()
             log.info("%s: device stopped (kicks served per ring: %s)", self.name,
                      " ".join(map(str, self.kicks)))
+            if self.space is self.iotlb:
+                log.info("%s: IOTLB: %d misses, %d updates, %d invalidations", self.name,
+                         self.iotlb.misses, self.iotlb.updates, self.iotlb.invalidations)
         self.ctx = None
         self.queues = None
         self.space = None
