@@ -227,6 +227,12 @@ class VhostUserServer:
             ok = False
             self.refused += 1
             log.warning("%s: %s refused: %s", t.name, msg.name, e.what)
+        except (_Disconnect, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:       # a back-end bug: refuse the request, keep serving
+            ok = False
+            self.refused += 1
+            log.exception("%s: %s failed inside the back-end; refused", t.name, msg.name)
         if msg.request in P.HAS_REPLY:
             self._reply(msg, reply if ok and reply is not None else b"")
         elif msg.request == R.IOTLB_MSG or (msg.need_reply and t.protocol(P.ProtocolFeature.REPLY_ACK)):
