@@ -295,7 +295,7 @@ def test_guest_maps_through_the_viommu_for_a_passed_through_device(kvm, guests):
         "VFIO iommu attach 0x0",
         "VFIO iommu unmapped status 0x2",       # nothing is mapped until the guest MAPs
         "VFIO iommu map 0x0",
-        "VFIO iommu dma status 1 match 1",
+        "VFIO iommu dma status 1 irq 1 match 1",
         "VFIO iommu readonly_write status 0x2", # MAP without WRITE: a device write faults
         "VFIO iommu unmap 0x0",
         "VFIO iommu after_unmap status 0x2",

@@ -19,7 +19,7 @@
  *   VFIO masked irq <n> pba <b>; VFIO unmasked irq <n> pba <b>
  *   VFIO msi irq <n>
  *   with iommu: VFIO iommu attach <s>, VFIO iommu unmapped status <s>, VFIO iommu map <s>,
- *     VFIO iommu dma status <s> match <m>, VFIO iommu readonly_write status <s>,
+ *     VFIO iommu dma status <s> irq <n> match <m>, VFIO iommu readonly_write status <s>,
  *     VFIO iommu unmap <s>, VFIO iommu after_unmap status <s>, VFIO iommu faults <n>
  *   VFIO done
  */
@@ -98,6 +98,25 @@ static void line(const char *what, uint64_t v)
     putchar('\n');
 }
 
+/* DMA of 256 bytes between bus address `addr` and BAR0 offset `off`; checks the copy against
+ * `ram` (the guest-RAM side) and prints "VFIO <what> status <s> irq <n> match <0|1>". */
+static void dma_check(const char *what, uint64_t addr, const uint8_t *ram, uint32_t off, uint32_t cmd)
+{
+    uint32_t d, s = dma(addr, 256, off, cmd, &d);
+    bool match = true;
+    for (int i = 0; i < 256; i++)
+        match &= mmio_read8(bar0 + off + i) == ram[i];
+    print("VFIO ");
+    print(what);
+    print(" status ");
+    print_dec(s);
+    print(" irq ");
+    print_dec(d);
+    print(" match ");
+    print_dec(match);
+    putchar('\n');
+}
+
 static uint32_t bar_size(int bar)
 {
     uint16_t off = PCI_BASE_ADDRESS_0 + 4 * bar;
@@ -151,15 +170,7 @@ static void iommu_part(const char *cmdline)
     m.phys = (uint64_t)(uintptr_t)src;
     m.flags = 1; /* READ only */
     line("iommu map", iommu_req(&m, sizeof m));
-    uint32_t s = dma(iova, 256, 0x2000, CMD_TO_DEVICE, &d);
-    bool match = true;
-    for (int i = 0; i < 256; i++)
-        match &= mmio_read8(bar0 + 0x2000 + i) == src[i];
-    print("VFIO iommu dma status ");
-    print_dec(s);
-    print(" match ");
-    print_dec(match);
-    putchar('\n');
+    dma_check("iommu dma", iova, src, 0x2000, CMD_TO_DEVICE);
     line("iommu readonly_write status", dma(iova, 256, 0x2000, CMD_FROM_DEVICE, &d));
 
     static struct unmap_req u;
@@ -263,28 +274,9 @@ void guest_main(const struct boot_info *bi)
         uint32_t d;
         for (int i = 0; i < 256; i++)
             src[i] = (uint8_t)(i * 13 + 1);
-        uint32_t s = dma((uint64_t)(uintptr_t)src, 256, 0x1000, CMD_TO_DEVICE, &d);
-        ok = true;
-        for (int i = 0; i < 256; i++)
-            ok &= mmio_read8(bar0 + 0x1000 + i) == src[i];
-        print("VFIO dma to_device status ");
-        print_dec(s);
-        print(" irq ");
-        print_dec(d);
-        print(" match ");
-        print_dec(ok);
-        putchar('\n');
-        s = dma((uint64_t)(uintptr_t)dst, 256, 0, CMD_FROM_DEVICE, &d);
-        ok = true;
-        for (int i = 0; i < 256; i++)
-            ok &= dst[i] == (uint8_t)(0xa5 ^ i);
-        print("VFIO dma from_device status ");
-        print_dec(s);
-        print(" irq ");
-        print_dec(d);
-        print(" match ");
-        print_dec(ok);
-        putchar('\n');
+        dma_check("dma to_device", (uint64_t)(uintptr_t)src, src, 0x1000, CMD_TO_DEVICE);
+        /* BAR0[0..256) holds the 0xa5 ^ i pattern written above */
+        dma_check("dma from_device", (uint64_t)(uintptr_t)dst, dst, 0, CMD_FROM_DEVICE);
         line("dma outside status", dma(0xf0000000ull, 256, 0, CMD_TO_DEVICE, &d));
     }
 
