@@ -19,6 +19,8 @@ command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
 command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
 command -v depmod >/dev/null || [ -x /sbin/depmod ] || need_apt+=(kmod)
 command -v zstd >/dev/null || need_apt+=(zstd)
+# The nested-VFIO helper (tests/linux/vfio_map.c) is linked static against glibc and <linux/vfio.h>.
+[ -n "$(ls /usr/lib/*/libc.a 2>/dev/null)" ] && [ -e /usr/include/linux/vfio.h ] || need_apt+=(libc6-dev linux-libc-dev)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null) \

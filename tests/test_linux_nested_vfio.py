@@ -19,6 +19,7 @@ import linuxkit
 import nested_vfio as nv
 
 QEMU = shutil.which("qemu-system-x86_64")
+pytestmark = pytest.mark.linux
 
 
 @pytest.fixture(scope="module")
