@@ -8,7 +8,8 @@ written with dd, synced, read back and compared (the host then checks the image 
 an ext4 file system (made on the host) mounted, written and remounted, a ping across the tap to
 the host.  Runs: one queue; several queues (two vCPUs, one dd per CPU); EVENT_IDX and
 INDIRECT_DESC off; the disk behind a virtio-iommu (iommu_platform=on: IOVAs through the
-back-end's IOTLB).  Each run asserts the features the driver negotiated, from the back-end's log.
+back-end's IOTLB).  The one-queue run also reads Linux's /dev/hwrng from ``hyperpy vhost-user
+rng`` (vhost-user-rng-pci).  Each run asserts the features the driver negotiated, from the back-end's log.
 
 Skips only when QEMU is missing and CI is not set; with CI set a missing piece fails.
 """
@@ -107,6 +108,11 @@ check net-ping ping -c 3 -W 5 192.168.{subnet}.1
 """
 
 
+RNG_SCRIPT = """
+check rng-read sh -c 'dd if=/dev/hwrng of=/tmp/r bs=64 count=4 2>/dev/null && test $(wc -c < /tmp/r) -eq 256'
+"""
+
+
 def _boot(kit, tmp_path, script: str, modules: list[str], devices: list[str], smp: int = 1):
     pattern = os.urandom(PATTERN_LEN)
     initrd = linuxkit.build_initramfs(kit, script, modules, {"/pattern": pattern},
@@ -166,16 +172,27 @@ def test_linux_drivers_on_hyperpy_backends(kit, disk, tmp_path, run, request):
     except AssertionError:
         blk.stop()
         raise
+    rng = None
     try:
         devices = (blk_device("blk0", blk.sock, f"num-queues={blk_q}", *props)
                    + net_device("net0", net.sock, "52:54:00:00:77:01", pairs, *props))
         ext4 = _ext4(kit)
         script = blk_script(PATTERN_AT // 65536, ext4, smp) + net_script(subnet)
-        pattern, checks, console = _boot(kit, tmp_path, script, ["virtio_blk", "virtio_net"],
-                                         devices, smp)
+        modules = ["virtio_blk", "virtio_net"]
+        if run == "1q":     # virtio-rng too (vhost-user-rng-pci): Linux's hwrng reads from it
+            rng = Backend("rng", tmp_path / "rng.sock", ["--no-iommu"], tmp_path / "rng.log")
+            devices += ["-chardev", f"socket,id=rng0,path={rng.sock}",
+                        "-device", "vhost-user-rng-pci,chardev=rng0"]
+            script += RNG_SCRIPT
+            modules.append("virtio_rng")
+        pattern, checks, console = _boot(kit, tmp_path, script, modules, devices, smp)
     finally:
         blk.stop()
         net.stop()
+        if rng is not None:
+            rng.stop()
+    if rng is not None:
+        assert checks.get("rng-read") and "VERSION_1" in _features(rng)
     assert checks.get("net-ping") and checks.get("blk-pattern")
     if ext4:
         assert checks.get("ext4-big")
