@@ -40,22 +40,6 @@ def _fast_parser(command: str):
     return p
 
 
-def _setup_logging(verbose: int, log_file: str | None) -> None:
-    """The same log set-up as ``hyperpy.cli.setup_logging`` (formats and levels)."""
-    import logging
-
-    logger = logging.getLogger("hyperpy")
-    if log_file is not None:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("hyperpy: %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
-    logger.propagate = False
-
-
 def fast_main(argv: list[str]) -> int | None:
     """Run ``argv`` if it is an API command this parser accepts exactly, else None."""
     if not argv or argv[0] not in ("run", "remote") or any(a in ("-h", "--help") for a in argv):
@@ -76,10 +60,9 @@ def fast_main(argv: list[str]) -> int | None:
     from .errors import HyperpyError
 
     try:
-        try:
-            _setup_logging(ns.verbose, ns.log_file)
-        except OSError as e:
-            raise HyperpyError(f"--log-file: cannot open {ns.log_file}: {e.strerror}") from None
+        from .logsetup import setup_logging
+
+        setup_logging(ns.verbose, ns.log_file)
         from .api.service import run_command
 
         return run_command(ns.api_socket, dict(
