@@ -508,3 +508,20 @@ def test_iotlb_space_translation_rules(tmp_path):
     mem.close()
     os.close(fd)
     assert sp.translate_py(0x12000, 1) is None          # memory gone: nothing translates
+
+
+# ---------------------------------------------------------------------------- command line
+
+def test_cli_bad_options_are_one_line_errors(hyperpy_cli, tmp_path, image):
+    r = hyperpy_cli("vhost-user", "blk", "--socket", str(tmp_path / "s.sock"),
+                    "--disk", f"path={tmp_path / 'missing.img'}")
+    assert r.returncode == 2
+    assert r.stderr.decode().strip().splitlines() == [
+        f"hyperpy: error: --disk path: no such file: {tmp_path / 'missing.img'} (give a raw disk image)"]
+    r = hyperpy_cli("vhost-user", "blk", "--socket", str(tmp_path / "no" / "dir" / "s.sock"),
+                    "--disk", f"path={image}")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "cannot listen there" in err[0], err
+    r = hyperpy_cli("vhost-user", "net", "--socket", str(tmp_path / "n.sock"), "--tap", "hp0",
+                    "--num-queues", "3")
+    assert r.returncode == 2 and "num_queues: 3 is odd" in r.stderr.decode()
