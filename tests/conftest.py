@@ -68,3 +68,17 @@ def run_hyperpy(*args: str, timeout: float = 120, input: bytes | None = None,
 @pytest.fixture
 def hyperpy_cli():
     return run_hyperpy
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The Linux guest kit (Debian's 6.12 kernel, its modules, busybox) for the ``linux`` tier,
+    built by scripts/build-guest-kit.sh when missing.  Skips without QEMU unless CI is set."""
+    import linuxkit
+    from vhost_linux import require_qemu
+
+    require_qemu()
+    try:
+        return linuxkit.ensure_kit()
+    except (linuxkit.KitError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"Linux guest kit: {e}")

@@ -9,7 +9,6 @@ hyperpy's virtio-iommu serves the MAP requests and counts them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -20,15 +19,6 @@ import nested_vfio as nv
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.linux
-
-
-@pytest.fixture(scope="module")
-def kit():
-    if QEMU is None:
-        if os.environ.get("CI"):
-            pytest.fail("qemu-system-x86_64 is missing in CI (scripts/test.sh installs it)")
-        pytest.skip("qemu-system-x86_64 is not installed")
-    return linuxkit.ensure_kit()
 
 
 def test_linux_vfio_maps_through_a_virtio_iommu(kit, tmp_path):

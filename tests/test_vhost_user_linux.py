@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import linuxkit
-from vhost_linux import Backend, Guest, blk_device, feature_line, net_device, require_qemu
+from vhost_linux import Backend, Guest, blk_device, feature_line, net_device
 
 pytestmark = pytest.mark.linux
 
@@ -34,15 +34,6 @@ DISK_SIZE = 48 * MiB
 FS_SIZE = 16 * MiB            # ext4 made by the host on the first 16 MiB
 PATTERN_AT = 32 * MiB         # the dd pattern lives past the file system
 PATTERN_LEN = 1 * MiB
-
-
-@pytest.fixture(scope="module")
-def kit():
-    require_qemu()
-    try:
-        return linuxkit.ensure_kit()
-    except (linuxkit.KitError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"Linux guest kit: {e}")
 
 
 MKFS = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")

@@ -241,6 +241,7 @@ class UnixHttpServer:
         self.handler = handler
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._refusers = threading.BoundedSemaphore(max_connections)   # threads answering 503
         self._closing = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -330,15 +331,36 @@ class UnixHttpServer:
                 self._slots.release()
                 self._refuse(conn)
 
-    @staticmethod
-    def _refuse(conn: socket.socket) -> None:
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer 503 and close, on a short-lived thread of its own (bounded) so that a slow
+        client cannot stall the accept loop; past that bound the connection is just closed."""
+        if self._refusers.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._refuse_now, args=(conn,), name="api-503",
+                                 daemon=True).start()
+                return
+            except RuntimeError:
+                self._refusers.release()
+        conn.close()
+
+    def _refuse_now(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(0.5)
             conn.sendall(Response.text(503, "too many API connections; retry later").encode(close=True))
+            # Read what the client is still sending (bounded) before closing, so that its
+            # write does not fail with EPIPE before it can read the 503.
+            conn.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + 1.0, MAX_BODY_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                chunk = conn.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
         except OSError:
             pass
         finally:
             conn.close()
+            self._refusers.release()
 
     # --- one connection ---------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
