@@ -36,15 +36,20 @@ class Frontend:
         self.features = 0
 
     def close(self) -> None:
+        # Idempotent: closing an fd number twice could close whatever reused it (this process
+        # also hosts the back-end under test).
         self.sock.close()
         for fd in self.fds + [self.memfd]:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.fds = []
+        self.memfd = -1
         if self.backend_sock is not None:
             self.backend_sock.close()
+            self.backend_sock = None
 
     # ------------------------------------------------------------------ raw messages
 

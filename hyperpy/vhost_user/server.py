@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 from ..errors import DeviceError
@@ -125,6 +126,9 @@ class VhostUserServer:
         self.backend: socket.socket | None = None
         self.connections = 0
         self.refused = 0               # requests answered with the error path (for tests)
+        # The event-loop thread serves messages and drops dead connections; close() comes from
+        # another thread: one lock makes a drop (and its fd closes) happen exactly once.
+        self._lock = threading.RLock()
         transport.send_backend = self.send_backend
         self.listener = self._listen()
         loop.add(self.listener.fileno(), self._accept)
@@ -151,6 +155,10 @@ class VhostUserServer:
     # ------------------------------------------------------------------ connections
 
     def _accept(self) -> None:
+        with self._lock:
+            self._accept_locked()
+
+    def _accept_locked(self) -> None:
         try:
             conn, _ = self.listener.accept()
         except OSError:
@@ -167,6 +175,10 @@ class VhostUserServer:
         self.loop.add(conn.fileno(), self._readable)
 
     def _drop_connection(self, why: str) -> None:
+        with self._lock:
+            self._drop_locked(why)
+
+    def _drop_locked(self, why: str) -> None:
         conn = self.conn
         if conn is None:
             return
@@ -181,9 +193,11 @@ class VhostUserServer:
         self.conn = None
 
     def close(self) -> None:
-        self._drop_connection("back-end shutting down")
-        self.loop.remove(self.listener.fileno())
-        self.listener.close()
+        with self._lock:
+            self._drop_locked("back-end shutting down")
+            if self.listener.fileno() >= 0:
+                self.loop.remove(self.listener.fileno())
+            self.listener.close()
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -193,6 +207,10 @@ class VhostUserServer:
     # ------------------------------------------------------------------ messages
 
     def _readable(self) -> None:
+        with self._lock:
+            self._readable_locked()
+
+    def _readable_locked(self) -> None:
         conn = self.conn
         if conn is None:
             return
