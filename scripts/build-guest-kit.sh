@@ -18,6 +18,7 @@ set -euo pipefail
 DIR=${1:-${HYPERPY_GUEST_KIT:-${XDG_CACHE_HOME:-$HOME/.cache}/hyperpy/guest-kit}}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 if [ -s "$DIR/kit.txt" ] && grep -q '^ready$' "$DIR/kit.txt"; then
     echo "guest kit ready in $DIR"
     exit 0
@@ -62,20 +63,7 @@ PATH=$PATH:/sbin:/usr/sbin depmod -b "$DIR" "$ver"
 cp b/bin/busybox "$DIR/busybox"
 chmod 755 "$DIR/busybox"
 
-# The bzImage payload is a zstd stream holding the ELF vmlinux; find the frame that decodes to ELF.
-python3 - "$DIR/vmlinuz" "$DIR/vmlinux" <<'PY'
-import subprocess, sys
-data = open(sys.argv[1], "rb").read()
-at = 0
-while (at := data.find(b"\x28\xb5\x2f\xfd", at)) >= 0:
-    out = subprocess.run(["zstd", "-d", "-q", "-c"], input=data[at:], capture_output=True).stdout
-    if out[:4] == b"\x7fELF":
-        open(sys.argv[2], "wb").write(out)
-        break
-    at += 1
-else:
-    sys.exit("build-guest-kit: no zstd-compressed ELF found in the bzImage")
-PY
+python3 "$SCRIPTS/extract-vmlinux.py" "$DIR/vmlinuz" "$DIR/vmlinux"
 
 ext4=absent
 grep -q '^CONFIG_EXT4_FS=y' "$DIR/config" && ext4=builtin
