@@ -29,12 +29,13 @@ def default_gsi_routes() -> list[tuple]:
 class MsiVector:
     """One MSI(-X) vector: a GSI and the eventfd KVM injects it from (KVM_IRQFD)."""
 
-    __slots__ = ("gsi", "fd", "route")
+    __slots__ = ("gsi", "fd", "route", "bound")
 
     def __init__(self, gsi: int, fd: int) -> None:
         self.gsi = gsi
         self.fd = fd
         self.route: tuple[int, int] | None = None   # (address, data) once the guest set it
+        self.bound = False                          # fd bound to the GSI with KVM_IRQFD
 
     def fire(self) -> None:
         os.eventfd_write(self.fd, 1)
@@ -62,11 +63,18 @@ class InterruptRouter:
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             vec = MsiVector(gsi, fd)
             self._vectors[gsi] = vec
-        self.vm.irqfd(fd, gsi)
+        self.set_irqfd(vec, True)
         return vec
 
+    def set_irqfd(self, vec: MsiVector, bound: bool) -> None:
+        """Bind (or unbind) the vector's eventfd to its GSI in KVM.  Unbound, a signal stays in
+        the eventfd for the VMM to read (a masked vector of a passed-through device)."""
+        if vec.bound != bound:
+            self.vm.irqfd(vec.fd, vec.gsi, deassign=not bound)
+            vec.bound = bound
+
     def release_msi(self, vec: MsiVector) -> None:
-        self.vm.irqfd(vec.fd, vec.gsi, deassign=True)
+        self.set_irqfd(vec, False)
         os.close(vec.fd)
         with self._lock:
             self._vectors.pop(vec.gsi, None)

@@ -83,7 +83,6 @@ class VfioMsix(MsixVectors):
         self.table_bar, self.table_offset = table_bar, table_offset
         self.pba_bar, self.pba_offset = pba_bar, pba_offset
         self.handed_to_device = False
-        self._unrouted = [False] * count
         for v in range(count):        # every vector starts masked: off KVM, watched
             self._sync_mask(v)
 
@@ -112,17 +111,15 @@ class VfioMsix(MsixVectors):
         vec = self.vectors[v]
         with self._lock:
             masked = self._masked(v)
-            if masked == self._unrouted[v]:
+            if masked != vec.bound:
                 return
-            self._unrouted[v] = masked
+            self.router.set_irqfd(vec, not masked)
             if masked:
-                self.router.vm.irqfd(vec.fd, vec.gsi, deassign=True)
                 self.loop.add(vec.fd, lambda v=v: self._masked_signal(v))
                 return
             self.loop.remove(vec.fd)
             if _drain(vec.fd):
                 self.pending[v] = True
-            self.router.vm.irqfd(vec.fd, vec.gsi)
             if self.pending[v]:
                 self.pending[v] = False
                 vec.fire()
@@ -133,17 +130,15 @@ class VfioMsix(MsixVectors):
         with self._lock:
             if not _drain(vec.fd):
                 return
-            if self._unrouted[v]:
-                self.pending[v] = True
-            else:
+            if vec.bound:
                 vec.fire()     # unmasked meanwhile: KVM has the eventfd again
+            else:
+                self.pending[v] = True
 
     def close(self) -> None:
-        for v, vec in enumerate(self.vectors):
-            if self._unrouted[v]:
+        for vec in self.vectors:
+            if not vec.bound:
                 self.loop.remove(vec.fd)
-                self.router.vm.irqfd(vec.fd, vec.gsi)   # release_msi deassigns it
-                self._unrouted[v] = False
         if self.handed_to_device:
             try:
                 self.device.set_irq_eventfds(MSIX_IRQ, 0, [])
@@ -427,8 +422,8 @@ class VfioPciDevice(PciDevice):
         c: dict = {}
         if self.container is not None:
             c.update(self.container.counters())
-        if self.mapper is not None:
-            c.update({f"mapper_{k}": v for k, v in self.mapper.counters().items()})
+        if self.mapper is not None:    # its "container" entry is the container's, above
+            c.update({f"mapper_{k}": v for k, v in self.mapper.counters().items() if k != "container"})
         c.update({f"device_{k}": v for k, v in getattr(self.device, "counters", {}).items()})
         return c
 

@@ -78,8 +78,7 @@ _IRQ_FLAGS = _vfio.VFIO_IRQ_INFO_EVENTFD | _vfio.VFIO_IRQ_INFO_NORESIZE
 def _config_space() -> bytearray:
     c = bytearray(CONFIG_SIZE)
     struct.pack_into("<HHHH", c, 0, SIM_VENDOR, SIM_DEVICE, 0, U.PCI_STATUS_CAP_LIST)
-    c[U.PCI_REVISION_ID] = 1
-    struct.pack_into("<I", c, U.PCI_REVISION_ID, 1 | (SIM_CLASS << 8))
+    struct.pack_into("<I", c, U.PCI_REVISION_ID, 1 | (SIM_CLASS << 8))   # revision 1, class
     struct.pack_into("<HH", c, U.PCI_SUBSYSTEM_VENDOR_ID, SIM_VENDOR, 0x0001)
     # BAR registers as the device reports them (a VMM emulates BARs; it reads only the type).
     struct.pack_into("<I", c, U.PCI_BASE_ADDRESS_0,
