@@ -9,29 +9,21 @@ hyperpy's virtio-iommu serves the MAP requests and counts them.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 import linuxkit
 import nested_vfio as nv
+from vhost_linux import Guest
 
-QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.linux
 
 
 def test_linux_vfio_maps_through_a_virtio_iommu(kit, tmp_path):
     mib = 32
     initrd = nv.build_initramfs(linuxkit, kit, tmp_path)
-    p = subprocess.run(
-        [QEMU, "-M", "q35", "-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-no-reboot",
-         "-net", "none", "-kernel", str(kit.vmlinuz), "-initrd", str(initrd),
-         "-append", nv.cmdline(mib),
-         "-device", "virtio-iommu-pci",
-         "-device", "virtio-rng-pci,disable-legacy=on,iommu_platform=on"],
-        capture_output=True, timeout=240, stdin=subprocess.DEVNULL)
-    out = p.stdout.decode(errors="replace").replace("\r\n", "\n")
+    _, out = Guest(kit.vmlinuz, initrd, mem_mb=512, append=nv.cmdline(mib),
+                   devices=["-device", "virtio-iommu-pci",
+                            "-device", "virtio-rng-pci,disable-legacy=on,iommu_platform=on"]).run()
     checks = linuxkit.parse_checks(out)
     assert "HPDONE" in out, out[-3000:]
     failed = [k for k, ok in checks.items() if not ok]

@@ -88,13 +88,14 @@ class Guest:
     smp: int = 1
     mem_mb: int = 256
     devices: list[str] = field(default_factory=list)   # extra QEMU arguments
+    append: str = "console=ttyS0 panic=-1 quiet"       # kernel command line
 
     def command(self) -> list[str]:
         return [QEMU, "-M", "q35,accel=tcg,memory-backend=mem", "-m", f"{self.mem_mb}M",
                 "-object", f"memory-backend-memfd,id=mem,size={self.mem_mb}M,share=on",
                 "-smp", str(self.smp), "-nodefaults", "-no-user-config", "-display", "none",
                 "-serial", "stdio", "-no-reboot", "-kernel", str(self.kernel),
-                "-initrd", str(self.initrd), "-append", "console=ttyS0 panic=-1 quiet",
+                "-initrd", str(self.initrd), "-append", self.append,
                 *self.devices]
 
     def run(self, timeout: float = 150) -> tuple[int, str]:
