@@ -535,21 +535,29 @@ class VirtualMachine:
                              lambda *_: self.finish(VmExit(ExitReason.TERMINATED)))
 
     def _start_console_input(self):
-        """Feed stdin to the UART when the serial console is an interactive terminal."""
+        """Feed stdin to the ``tty`` console (the UART, else hvc0), as cloud-hypervisor does:
+        a terminal is put in raw mode (Ctrl-C still ends hyperpy); a pipe or file is read as it
+        is, so a script can type into the guest; end of input stops the feed, not the VM."""
         if self.config.serial.mode == "tty":
             sink = self.serial.enqueue_input
         elif self.config.console.mode == "tty" and self.console is not None:
             sink = self.console.enqueue_input
         else:
             return None
-        if not os.isatty(0):
-            return None
         fd = 0
-        saved = termios.tcgetattr(fd)
-        tty.setraw(fd)
-        attrs = termios.tcgetattr(fd)
-        attrs[3] |= termios.ISIG    # keep Ctrl-C as the way out of hyperpy
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        try:
+            interactive = os.isatty(fd)
+            os.fstat(fd)
+        except OSError:          # no stdin at all (closed): nothing to feed
+            return None
+        restore = None
+        if interactive:
+            saved = termios.tcgetattr(fd)
+            tty.setraw(fd)
+            attrs = termios.tcgetattr(fd)
+            attrs[3] |= termios.ISIG    # keep Ctrl-C as the way out of hyperpy
+            termios.tcsetattr(fd, termios.TCSANOW, attrs)
+            restore = lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)  # noqa: E731
 
         def reader() -> None:
             while not self._done.is_set():
@@ -562,7 +570,7 @@ class VirtualMachine:
                 sink(data)
 
         threading.Thread(target=reader, name="stdin", daemon=True).start()
-        return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        return restore
 
 
     def close(self) -> None:
