@@ -99,7 +99,8 @@ CPUS_HELP = (
 MEMORY_HELP = (
     "Guest RAM: size=SIZE, then optionally shared=on|off, file=PATH, hugepages=on|off, "
     "hugepage_size=2M|1G, prefault=on|off.  SIZE in bytes or with K/M/G/T (default 512M); "
-    "file= is an existing file or a hugetlbfs directory such as /dev/hugepages.  "
+    "file= is an existing file or a hugetlbfs directory such as /dev/hugepages (a directory on "
+    "another file system works, with a warning: RAM there is not on huge pages).  "
     "Example: --memory size=1G,hugepages=on"
 )
 KERNEL_HELP = (
@@ -116,9 +117,11 @@ CONSOLE_HELP = ("Where the virtio console (hvc0) goes: off (no device), tty, nul
                 "Example: --console file=/tmp/hvc0.log")
 DISK_HELP = ("A virtio-blk disk (repeatable): path=FILE[,readonly=on][,direct=on][,num_queues=N]"
              "[,queue_size=N][,id=SERIAL][,pci_device_id=N].  Example: --disk path=disk.img,readonly=on")
-NET_HELP = ("A virtio-net device on a host TAP (repeatable): tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N]"
-            "[,queue_size=N][,pci_device_id=N]; the tap is created if the name is free.  "
-            "Example: --net tap=hp0,ip=192.168.249.1,mask=255.255.255.0")
+NET_HELP = ("A virtio-net device on a host TAP (repeatable): [tap=NAME][,mac=MAC][,ip=IP,mask=MASK]"
+            "[,num_queues=N][,queue_size=N][,pci_device_id=N]; the tap is created if the name is free.  "
+            "An empty or absent tap= creates a new tap that the kernel names vmtapN; an empty or absent "
+            "mac= is a random locally administered MAC.  "
+            "Example: --net tap=hp0,ip=192.168.249.1,mask=255.255.255.0 or --net tap=,mac=,iommu=on")
 RNG_HELP = "A virtio-rng entropy device: src=FILE (default /dev/urandom).  Example: --rng src=/dev/urandom"
 IOMMU_HELP = ("The virtio-iommu that iommu=on devices sit behind (added automatically when a device "
               "says iommu=on): [page_sizes=4K,2M,1G][,bypass=on][,max_mappings=N][,max_domains=N].  "

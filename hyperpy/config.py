@@ -20,7 +20,7 @@ from typing import Literal
 
 from . import layout
 from .errors import ConfigError
-from .memory import HUGEPAGE_SIZES, MemoryBacking
+from .memory import HUGEPAGE_SIZES, MemoryBacking, warn_unless_hugetlbfs
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,20 @@ def _unknown_key(option: str, key: str, known: Sequence[str]) -> ConfigError:
 
 
 def split_options(option: str, value: str, known: Sequence[str],
-                  bare_key: str | None = None) -> dict[str, str]:
+                  bare_key: str | None = None, keep_empty: Sequence[str] = ()) -> dict[str, str]:
     """``"key=value,key=[a,b]"`` -> ``{key: value}`` with every key in ``known``.
 
     Values may hold commas inside ``[...]`` or quotes (quotes are removed).  When ``bare_key``
     is given, a first item without ``=`` is its value (``--cpus 2`` means ``boot=2``).
+
+    As in cloud-hypervisor, an empty value (``mac=``, ``tap=``, ``iommu=``) is the same as
+    leaving the key out: the default, or a generated value, applies.  Keys in ``keep_empty``
+    are returned with their empty value instead, for the parser to refuse (a path, say).
     """
     if not value.strip():
         raise ConfigError(f"{option}: empty value (known keys: {', '.join(known)})")
     out: dict[str, str] = {}
+    seen: set[str] = set()
     for i, item in enumerate(split_items(value, option)):
         item = item.strip()
         if not item:
@@ -152,9 +157,12 @@ def split_options(option: str, value: str, known: Sequence[str],
                                   f"(known keys: {', '.join(known)})")
         if key not in known:
             raise _unknown_key(option, key, known)
-        if key in out:
+        if key in seen:
             raise ConfigError(f"{option}: key {key!r} given twice")
-        out[key] = unquote(val.strip())
+        seen.add(key)
+        val = unquote(val.strip())
+        if val or key in keep_empty:
+            out[key] = val
     return out
 
 
@@ -239,7 +247,7 @@ def parse_memory(value: str | None) -> MemoryBacking:
     [,prefault=on]``."""
     if value is None:
         return MemoryBacking(size=DEFAULT_MEMORY_SIZE)
-    opts = split_options("--memory", value, MEMORY_KEYS, bare_key="size")
+    opts = split_options("--memory", value, MEMORY_KEYS, bare_key="size", keep_empty=("file",))
     size = parse_size(opts["size"], "--memory size") if "size" in opts else DEFAULT_MEMORY_SIZE
     if size <= 0:
         raise ConfigError(f"--memory size: {opts['size']!r} must be more than 0 (e.g. 512M)")
@@ -247,6 +255,8 @@ def parse_memory(value: str | None) -> MemoryBacking:
     if "file" in opts:
         file = existing_path(opts["file"], "--memory file",
                              "give an existing file or a hugetlbfs directory such as /dev/hugepages")
+        if file.is_dir():
+            warn_unless_hugetlbfs(file)
     # A backing file only makes sense when writes reach it: shared unless said otherwise.
     shared = parse_bool(opts["shared"], "--memory shared") if "shared" in opts else file is not None
     hugepages = parse_bool(opts["hugepages"], "--memory hugepages") if "hugepages" in opts else False
@@ -375,7 +385,8 @@ def parse_console(value: str | None) -> ConsoleConfig:
     iommu = False
     head, sep, tail = value.rpartition(",")
     if sep and tail.strip().lower().startswith("iommu="):
-        iommu = parse_bool(tail.strip()[len("iommu="):], "--console iommu")
+        flag = tail.strip()[len("iommu="):].strip()
+        iommu = parse_bool(flag, "--console iommu") if flag else False   # iommu= is off
         value = head
     mode, path = parse_output("--console", value)
     if iommu and mode == "off":
@@ -389,6 +400,9 @@ DISK_KEYS = ("path", "readonly", "direct", "num_queues", "queue_size", "id", "pc
 NET_KEYS = ("tap", "mac", "ip", "mask", "num_queues", "queue_size", "id", "pci_device_id", "iommu")
 RNG_KEYS = ("src", "iommu", "pci_device_id")
 MAX_QUEUE_SIZE = 32768
+TAP_TEMPLATE = "vmtap%d"      # an empty tap=: the kernel names the tap vmtap0, vmtap1, ...
+MAC_MULTICAST_BIT = 0x01      # of the first byte (IEEE 802: I/G)
+MAC_LOCAL_BIT = 0x02          # of the first byte (IEEE 802: U/L, locally administered)
 
 
 @dataclass(frozen=True)
@@ -407,7 +421,8 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """One ``--net``: virtio-net over a host TAP device."""
+    """One ``--net``: virtio-net over a host TAP device.  ``tap`` may be a template such as
+    ``vmtap%d`` (:data:`TAP_TEMPLATE`), which the kernel turns into a free name."""
 
     tap: str
     mac: bytes
@@ -473,6 +488,42 @@ def parse_mac(value: str, option: str) -> bytes:
     return mac
 
 
+def random_mac() -> bytes:
+    """A random locally administered unicast MAC, what cloud-hypervisor gives a device whose
+    ``mac=`` is empty or absent: bit 1 of the first byte set (local), bit 0 clear (unicast)."""
+    mac = bytearray(os.urandom(6))
+    mac[0] = (mac[0] & ~MAC_MULTICAST_BIT & 0xFF) | MAC_LOCAL_BIT
+    return bytes(mac)
+
+
+def is_tap_template(name: str) -> bool:
+    """A name with ``%d``: the kernel fills in the first number no interface uses."""
+    return "%" in name
+
+
+def tap_name_problem(name: str) -> str | None:
+    """Why the kernel would refuse ``name`` as an interface name or name template (the rules of
+    its dev_valid_name and dev_alloc_name), or None."""
+    from ._fast.netio import IFNAMSIZ      # <linux/if.h>: the name and its NUL
+
+    if len(name.encode()) >= IFNAMSIZ:
+        return f"is not a valid interface name (at most {IFNAMSIZ - 1} characters)"
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        return "is not a valid interface name (no '/', ':' or white space; not . or ..)"
+    if is_tap_template(name) and (name.count("%") != 1 or "%d" not in name):
+        return f"is not a valid interface name template (one %d, e.g. {TAP_TEMPLATE})"
+    return None
+
+
+def parse_tap(value: str, option: str = "--net tap") -> str:
+    """``tap=NAME``; empty or absent -> :data:`TAP_TEMPLATE` (the kernel picks the number)."""
+    name = value or TAP_TEMPLATE
+    problem = tap_name_problem(name)
+    if problem:
+        raise ConfigError(f"{option}: {name!r} {problem}")
+    return name
+
+
 def _ipv4(value: str, option: str) -> str:
     import ipaddress
 
@@ -482,30 +533,32 @@ def _ipv4(value: str, option: str) -> str:
         raise ConfigError(f"{option}: {value!r} is not an IPv4 address") from None
 
 
-def parse_net(value: str, index: int = 0) -> NetConfig:
-    """``--net tap=NAME[,mac=..][,ip=..,mask=..][,num_queues=N][,queue_size=N]``."""
-    import os as _os
+def parse_net(value: str) -> NetConfig:
+    """``--net [tap=NAME][,mac=..][,ip=..,mask=..][,num_queues=N][,queue_size=N]``.
 
+    An empty or absent ``tap=`` creates a tap named by the kernel from ``vmtap%d``; an empty or
+    absent ``mac=`` is a random locally administered one (cloud-hypervisor's rules)."""
     o = split_options("--net", value, NET_KEYS) if value.strip() else {}
-    tap = unquote(o.get("tap", "")) or f"hptap{index}"
-    if len(tap.encode()) > 15 or "/" in tap or " " in tap:
-        raise ConfigError(f"--net tap: {tap!r} is not a valid interface name (at most 15 characters)")
-    # Default MAC: locally administered (0x52 0x54 0x00 like QEMU/cloud-hypervisor) + random.
-    mac = parse_mac(o["mac"], "--net mac") if "mac" in o else bytes([0x52, 0x54, 0x00]) + _os.urandom(3)
     nq = parse_int(o["num_queues"], "--net num_queues", 2, 16) if "num_queues" in o else 2
     if nq % 2:
         raise ConfigError(f"--net num_queues: {nq} is odd (give an even number, 2 to 16: "
                           "one rx and one tx queue per pair)")
     return NetConfig(
-        tap=tap, mac=mac,
+        tap=parse_tap(o.get("tap", "")),
+        mac=parse_mac(o["mac"], "--net mac") if "mac" in o else random_mac(),
         ip=_ipv4(o["ip"], "--net ip") if "ip" in o else None,
         mask=_ipv4(o["mask"], "--net mask") if "mask" in o else None,
         num_queues=nq,
         queue_size=_queue_size(o["queue_size"], "--net queue_size") if "queue_size" in o else 256,
-        id=unquote(o.get("id", "")),
+        id=o.get("id", ""),
         pci_device_id=_pci_slot(o["pci_device_id"], "--net pci_device_id") if "pci_device_id" in o else None,
         iommu=parse_bool(o["iommu"], "--net iommu") if "iommu" in o else False,
     )
+
+
+def named_taps(nets: Sequence[NetConfig]) -> list[str]:
+    """The taps asked for by name (templates get distinct names from the kernel)."""
+    return [n.tap for n in nets if not is_tap_template(n.tap)]
 
 
 def parse_rng(value: str | None) -> RngConfig | None:
@@ -647,16 +700,17 @@ def build_vm_config(cpus: str | None = None, memory: str | None = None,
         serial=parse_serial(serial),
         console=parse_console(console),
         disks=tuple(parse_disk(d) for d in disks),
-        nets=tuple(parse_net(n, i) for i, n in enumerate(nets)),
+        nets=tuple(parse_net(n) for n in nets),
         rng=parse_rng(rng),
         iommu=parse_iommu(iommu),
         devices=tuple(parse_device(d) for d in devices),
     )
     if cfg.iommu is None and cfg.iommu_endpoints():
         cfg = dataclasses.replace(cfg, iommu=IommuConfig())   # iommu=on implies a virtio-iommu
-    taps = [n.tap for n in cfg.nets]
+    taps = named_taps(cfg.nets)
     if len(set(taps)) != len(taps):
-        raise ConfigError("--net: two devices use the same tap (give each its own tap=NAME)")
+        raise ConfigError("--net: two devices use the same tap (give each its own tap=NAME, "
+                          "or leave tap= empty for a generated one)")
     slots = [d.pci_device_id for d in (*cfg.disks, *cfg.nets, cfg.rng, cfg.iommu, *cfg.devices)
              if d is not None and d.pci_device_id]
     if len(set(slots)) != len(slots):

@@ -33,6 +33,21 @@ class MemoryBacking:
     prefault: bool = False
 
 
+def warn_unless_hugetlbfs(directory: Path) -> bool:
+    """Log one warning when ``directory`` (a ``file=`` directory) is not on hugetlbfs: guest RAM
+    in an unlinked file there is ordinary page-cache memory, not huge pages.  Returns whether it
+    is on hugetlbfs (False too when the file system cannot be told)."""
+    from .mounts import filesystem_type
+
+    fstype = filesystem_type(directory)
+    if fstype == "hugetlbfs":
+        return True
+    log.warning("--memory file: %s is on %s, not hugetlbfs: guest RAM there is not on huge pages "
+                "(mount hugetlbfs there with 'mount -t hugetlbfs none %s', or use hugepages=on "
+                "without file=)", directory, fstype or "an unknown file system", directory)
+    return False
+
+
 def free_hugepages(page_size: int) -> int:
     """Free (not reserved) huge pages of ``page_size`` on the host."""
     name = HUGEPAGE_SIZES.get(page_size)

@@ -82,3 +82,17 @@ def kit():
         return linuxkit.ensure_kit()
     except (linuxkit.KitError, subprocess.TimeoutExpired) as e:
         pytest.fail(f"Linux guest kit: {e}")
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace (tests/netns.py) for a test that creates a tap: the process
+    owning the tap runs in it (``netns.cmd(argv)``), the test's sockets are opened in it
+    (``netns.entered()``, ``netns.packet_socket``); deleted afterwards, also on failure."""
+    import netns as netns_module
+
+    why = netns_module.problem()
+    if why:
+        pytest.skip(why)
+    with netns_module.netns() as ns:
+        yield ns

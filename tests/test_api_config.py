@@ -8,8 +8,8 @@ import pytest
 
 from api_util import schema_errors
 from hyperpy.api.vmconfig import ApiConfigError, from_json, to_json
-from hyperpy.config import (ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig, IommuConfig,
-                            NetConfig, RngConfig, SerialConfig)
+from hyperpy.config import (TAP_TEMPLATE, ConsoleConfig, CpusConfig, DeviceConfig, DiskConfig,
+                            IommuConfig, NetConfig, RngConfig, SerialConfig)
 from hyperpy.memory import MemoryBacking
 
 VMCONFIG = "#/components/schemas/VmConfig"
@@ -86,6 +86,33 @@ def test_to_json_matches_the_spec_and_round_trips(kernel, disk, tmp_path):
     assert out["disks"][0]["id"] == "s1" and out["net"][0]["mac"] == "52:54:00:01:02:03"
     assert out["iommu"] is True and out["console"] == {"mode": "File", "file": str(tmp_path / "hvc0"),
                                                         "iommu": True}
+
+
+@pytest.mark.parametrize("net", [{}, {"tap": ""}, {"mac": ""}, {"tap": "", "mac": ""},
+                                 {"tap": None, "mac": None, "iommu": True}])
+def test_net_without_tap_or_mac_picks_them(kernel, net):
+    """Absent, null or empty tap and mac, as in cloud-hypervisor: a tap the kernel names vmtapN
+    and a random locally administered unicast MAC; two such devices are no duplicates."""
+    body = {"payload": {"kernel": str(kernel)}, "net": [net, dict(net)]}
+    cfg = from_json(body)
+    assert [n.tap for n in cfg.nets] == [TAP_TEMPLATE, TAP_TEMPLATE]
+    macs = [n.mac for n in cfg.nets]
+    assert all(m[0] & 0x02 and not m[0] & 0x01 for m in macs) and macs[0] != macs[1]
+    assert cfg.nets[0].iommu is bool(net.get("iommu"))
+    out = to_json(cfg)
+    assert not schema_errors(VMCONFIG, out)
+    assert "tap" not in out["net"][0]               # reported as given: no tap
+    again = from_json(out)
+    assert [n.tap for n in again.nets] == [TAP_TEMPLATE] * 2 and [n.mac for n in again.nets] == macs
+
+
+def test_net_tap_names_are_checked(kernel):
+    cfg = from_json({"payload": {"kernel": str(kernel)}, "net": [{"tap": "hp%d"}]})
+    assert cfg.nets[0].tap == "hp%d" and to_json(cfg)["net"][0]["tap"] == "hp%d"
+    with pytest.raises(ApiConfigError, match=r"^net\[0\].tap: 'a:b' is not a valid interface name"):
+        from_json({"payload": {"kernel": str(kernel)}, "net": [{"tap": "a:b"}]})
+    with pytest.raises(ApiConfigError, match=r"^net\[1\].tap: 'x%d%d' is not a valid interface name template"):
+        from_json({"payload": {"kernel": str(kernel)}, "net": [{}, {"tap": "x%d%d"}]})
 
 
 def test_builtin_kernel(kernel):

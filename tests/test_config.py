@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from hyperpy import config
+from hyperpy import config, mounts
 from hyperpy.config import (
     ConsoleConfig,
     CpusConfig,
@@ -205,6 +208,82 @@ def test_parse_memory_quoted_file_with_comma(tmp_path: Path) -> None:
 def test_parse_memory_hugepages_default_2m() -> None:
     m = parse_memory("size=64M,hugepages=on")
     assert m.hugepages and m.hugepage_size == 2 * M
+
+
+def test_parse_memory_empty_values_are_the_defaults() -> None:
+    assert parse_memory("size=") == MemoryBacking(size=512 * M)
+    assert parse_memory("size=64M,shared=,hugepages=,prefault=") == MemoryBacking(size=64 * M)
+    assert parse_cpus("boot=,features=") == CpusConfig()
+
+
+def test_parse_memory_empty_file_is_refused() -> None:
+    # An empty path is a mistake (an unset shell variable), not "no file": refused, not ignored.
+    with pytest.raises(ConfigError) as e:
+        parse_memory("size=64M,file=")
+    assert one_line(e).startswith("--memory file: empty path (give an existing file or a hugetlbfs")
+
+
+def _ram_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "hyperpy.memory" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_memory_file_directory_not_on_hugetlbfs_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      where: str) -> None:
+    d = tmp_path if where == "tmp_path" else Path(where)
+    if not d.is_dir():
+        pytest.skip(f"{d} does not exist")
+    fstype = mounts.filesystem_type(d)
+    assert fstype not in (None, "hugetlbfs")
+    with caplog.at_level(logging.WARNING, logger="hyperpy.memory"):
+        m = parse_memory(f"size=64M,file={d}")
+    assert m.file == d and m.shared
+    (msg,) = _ram_warnings(caplog)
+    assert "\n" not in msg
+    assert msg == (f"--memory file: {d} is on {fstype}, not hugetlbfs: guest RAM there is not on "
+                   f"huge pages (mount hugetlbfs there with 'mount -t hugetlbfs none {d}', or use "
+                   "hugepages=on without file=)")
+
+
+def test_memory_file_regular_file_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    f = tmp_path / "ram"
+    f.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="hyperpy.memory"):
+        parse_memory(f"size=64M,file={f}")
+    assert _ram_warnings(caplog) == []
+
+
+@pytest.fixture
+def hugetlbfs(tmp_path: Path):
+    """A hugetlbfs mounted on a fresh directory for the test, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting hugetlbfs needs root")
+    d = tmp_path / "huge"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "hugetlbfs", "none", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount hugetlbfs: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def test_memory_file_on_hugetlbfs_does_not_warn(hugetlbfs: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    sub = hugetlbfs / "vm1"
+    sub.mkdir()
+    link = tmp_path / "pages"
+    link.symlink_to(hugetlbfs)
+    with caplog.at_level(logging.WARNING, logger="hyperpy.memory"):
+        for d in (hugetlbfs, sub, link):     # the mount, a directory in it, a symlink to it
+            m = parse_memory(f"size=8G,file={d}")   # the /dev/hugepages style keeps working
+            assert m == MemoryBacking(size=8 * G, shared=True, file=d)
+    assert _ram_warnings(caplog) == []
+    # Only what is under the mount point: its parent directory is on another file system.
+    assert mounts.filesystem_type(hugetlbfs) == "hugetlbfs"
+    assert mounts.filesystem_type(tmp_path) != "hugetlbfs"
 
 
 @pytest.mark.parametrize("text, msg", [

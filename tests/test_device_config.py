@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from hyperpy.config import (DiskConfig, build_vm_config, parse_disk, parse_mac, parse_net,
-                            parse_rng)
+from hyperpy.config import (TAP_TEMPLATE, DiskConfig, IommuConfig, RngConfig, build_vm_config,
+                            parse_disk, parse_mac, parse_net, parse_rng, random_mac)
 from hyperpy.errors import ConfigError
 
 
@@ -32,12 +33,88 @@ def test_disk_options(img):
     assert parse_disk(str(img)).path == img   # bare value is the path
 
 
+def local_unicast(mac: bytes) -> bool:
+    return len(mac) == 6 and bool(mac[0] & 0x02) and not mac[0] & 0x01
+
+
 def test_net_options():
     n = parse_net("tap=hp7,mac=52:54:00:aa:bb:cc,ip=192.168.249.1,mask=255.255.255.0")
     assert n.tap == "hp7" and n.mac == bytes.fromhex("525400aabbcc")
     assert n.ip == "192.168.249.1" and n.mask == "255.255.255.0"
-    auto = parse_net("", 3)
-    assert auto.tap == "hptap3" and auto.mac[:3] == b"\x52\x54\x00"
+    auto = parse_net("")
+    assert auto.tap == "vmtap%d" == TAP_TEMPLATE and local_unicast(auto.mac)
+
+
+@pytest.mark.parametrize("value,tap,iommu", [
+    ("tap=,mac=,iommu=on", TAP_TEMPLATE, True),     # the seed's command line
+    ("tap=,mac=", TAP_TEMPLATE, False),
+    ("mac=", TAP_TEMPLATE, False),
+    ("tap=", TAP_TEMPLATE, False),
+    ('tap="",mac=""', TAP_TEMPLATE, False),
+    ("tap= ,mac= ,iommu=", TAP_TEMPLATE, False),
+    ("mac=,tap=hp3", "hp3", False),
+    ("tap=hp%d,mac=", "hp%d", False),
+])
+def test_net_empty_tap_and_mac_pick_one(value, tap, iommu):
+    n = parse_net(value)
+    assert (n.tap, n.iommu) == (tap, iommu)
+    assert local_unicast(n.mac), n.mac.hex(":")
+    assert n.ip is None and n.mask is None and n.num_queues == 2 and n.queue_size == 256
+
+
+def test_net_empty_values_are_the_defaults():
+    empty = parse_net("tap=hp1,ip=,mask=,num_queues=,queue_size=,id=,pci_device_id=,iommu=")
+    plain = parse_net("tap=hp1")
+    assert dataclasses.replace(empty, mac=plain.mac) == plain
+
+
+def test_random_macs_are_random_local_unicast():
+    macs = [random_mac() for _ in range(300)]
+    assert all(local_unicast(m) for m in macs)
+    assert len(set(macs)) == len(macs)
+    # every bit but the two fixed ones varies (a fixed prefix such as 52:54:00 would not)
+    assert len({m[0] for m in macs}) > 16 and len({m[1] for m in macs}) > 16
+    assert parse_net("mac=").mac != parse_net("mac=").mac
+
+
+def test_generated_taps_are_not_duplicates(kernel):
+    cfg = build_vm_config(kernel=str(kernel), nets=["tap=,mac=,iommu=on", "mac=", "", "tap=hp0"])
+    assert [n.tap for n in cfg.nets] == [TAP_TEMPLATE] * 3 + ["hp0"]
+    assert len({n.mac for n in cfg.nets}) == 4
+    assert cfg.iommu is not None                     # iommu=on still implies the virtio-iommu
+    with pytest.raises(ConfigError, match="same tap"):
+        build_vm_config(kernel=str(kernel), nets=["tap=", "tap=hp0", "tap=hp0"])
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("tap=a:b", "not a valid interface name (no '/', ':'"),
+    ("tap=a/b", "not a valid interface name (no '/', ':'"),
+    ("tap=..", "not a valid interface name"),
+    ("tap=hp%d%d", "not a valid interface name template (one %d"),
+    ("tap=hp%s", "not a valid interface name template (one %d"),
+    ("tap=hp%", "not a valid interface name template (one %d"),
+    ("tap=0123456789abcdef", "at most 15 characters"),
+    ("mac=,mac=", "key 'mac' given twice"),
+    ("tap=,tap=hp0", "key 'tap' given twice"),
+])
+def test_bad_tap_names(value, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_net(value)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("--net"), msg
+
+
+def test_other_empty_values_are_the_defaults(img, tmp_path):
+    from hyperpy.config import parse_console, parse_device, parse_iommu
+
+    assert parse_disk(f"path={img},readonly=,direct=,num_queues=,queue_size=,id=,pci_device_id=,iommu=") \
+        == DiskConfig(path=img)
+    assert parse_rng("src=") == parse_rng("src=,iommu=,pci_device_id=") == RngConfig()
+    assert parse_iommu("page_sizes=,bypass=,max_mappings=") == IommuConfig()
+    assert parse_console("null,iommu=").iommu is False
+    for bad, needle in ((parse_disk, "--disk: path= is required"), (parse_device, "--device: path= is required")):
+        with pytest.raises(ConfigError, match="^" + needle):
+            bad("path=")
 
 
 def test_rng_options(tmp_path):

@@ -4,6 +4,7 @@ with MSI-X; and the same guests on QEMU, compared fact by fact (a peer nobody he
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -130,27 +131,30 @@ def test_rng_and_console_same_facts_as_qemu(kvm, guests, tmp_path):
 
 
 # --- virtio-net over a tap --------------------------------------------------------------------
+# hyperpy runs in the test's own network namespace (tests/netns.py): the tap, its address and
+# every frame stay there.
 
-@pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
-def test_net_frames_cross_the_tap(kvm, guests, irq):
-    tap = f"hpt{os.getpid() % 10000}{int(irq)}"
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
-                             "--kernel", str(guests["virtio_net"]), "--cmdline", "irq" if irq else "",
-                             "--net", f"tap={tap},mac={GUEST_MAC},ip=192.168.249.1,mask=255.255.255.0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+def _net_vm(ns, kernel: Path, cmdline: str, net: str, *extra: str) -> subprocess.Popen:
+    return ns.popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+                     "--kernel", str(kernel), "--cmdline", cmdline, "--net", net, *extra],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+
+
+def _exchange(ns, proc: subprocess.Popen, tap: str | None, guest_mac: str | None):
+    """Wait for the tap (``tap``, or the one tap hyperpy creates when None), answer the guest's
+    frame; (tap name, the guest's frame, stdout, stderr) once hyperpy has exited."""
     sock = None
     try:
         deadline = time.monotonic() + 60
+        name = ns.wait_for_link(tap, 60, proc)
+        assert name is not None, "hyperpy did not create the tap"
         while sock is None and time.monotonic() < deadline and proc.poll() is None:
             try:   # the tap exists once hyperpy has built the device
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(expect.NET_ETHERTYPE))
-                s.bind((tap, 0))
-                sock = s
+                sock = ns.packet_socket(name, expect.NET_ETHERTYPE)
             except OSError:
-                s.close()
                 time.sleep(0.05)
-        assert sock is not None, "hyperpy did not create the tap"
-        expect.exchange_frame(sock, proc, GUEST_MAC, deadline)
+        assert sock is not None, f"cannot open a socket on {name}"
+        frame = expect.exchange_frame(sock, proc, guest_mac, deadline)
         out, err = proc.communicate(timeout=60)
     finally:
         if sock is not None:
@@ -158,24 +162,69 @@ def test_net_frames_cross_the_tap(kvm, guests, irq):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    return name, frame, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
+def test_net_frames_cross_the_tap(kvm, guests, netns, irq):
+    tap = f"hpt{os.getpid() % 10000}{int(irq)}"
+    proc = _net_vm(netns, guests["virtio_net"], "irq" if irq else "",
+                   f"tap={tap},mac={GUEST_MAC},ip=192.168.249.1,mask=255.255.255.0")
+    name, _, out, err = _exchange(netns, proc, tap, GUEST_MAC)
+    assert name == tap
     assert proc.returncode == 0, err
     facts = expect.parse_net(out)
     expect.check_net(facts, mac=GUEST_MAC, irq=irq)
     assert facts["ids"] == "1af4:1041" and facts["link"] == "up"
 
 
-def test_all_devices_together_from_the_cli(kvm, tmp_path):
+def test_net_generated_tap_and_mac(kvm, guests, netns):
+    """``--net tap=,mac=`` (cloud-hypervisor's "pick one"): hyperpy creates a tap that the kernel
+    names vmtapN, logs that name, and gives the guest a random locally administered unicast MAC,
+    which the guest reads from config space and sends its frame from."""
+    before = set(netns.links())
+    proc = _net_vm(netns, guests["virtio_net"], "irq", "tap=,mac=", "-v")
+    name, frame, out, err = _exchange(netns, proc, None, None)
+    assert proc.returncode == 0, err
+    assert name not in before and re.fullmatch(r"vmtap\d+", name), name
+    assert f"created tap {name} (from vmtap%d)" in err, err
+    facts = expect.parse_net(out)
+    expect.check_net(facts, mac=frame[6:12].hex(":"), irq=True)   # config space == frame source
+    first = int(facts["mac"].split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01, f"{facts['mac']} is not a locally administered unicast MAC"
+
+
+def test_net_generated_taps_never_take_an_existing_name(kvm, netns):
+    """The seed's ``--net tap=,mac=,iommu=on``, twice: with a vmtap0 already there, the kernel
+    names hyperpy's taps vmtap1 and vmtap2 and the existing one is left alone."""
+    netns.ip("tuntap", "add", "dev", "vmtap0", "mode", "tap")
+    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+                   "--kernel", "builtin:hello", "--net", "tap=,mac=,iommu=on", "--net", "mac=",
+                   "--console", "off", "-v"],
+                  check=False, timeout=120, cwd=tempfile.gettempdir(), errors="replace")
+    assert p.returncode == 0, p.stderr
+    assert "Hello from hyperpy guest" in p.stdout
+    created = re.findall(r"created tap (\S+) \(from vmtap%d\)", p.stderr)
+    assert sorted(created) == ["vmtap1", "vmtap2"], p.stderr
+    assert "attached to the existing tap" not in p.stderr
+    assert "virtio-iommu" in p.stderr
+    assert "vmtap0" in netns.links() and not {"vmtap1", "vmtap2"} & set(netns.links())
+
+
+def test_all_devices_together_from_the_cli(kvm, tmp_path, netns):
     """The acceptance command line: every device at once, the default guest still boots."""
     img = tmp_path / "x.img"
     img.write_bytes(b"\0" * (1 << 20))
     tap = f"hpa{os.getpid() % 10000}"
-    rc, out, err = hyperpy("--kernel", "builtin:hello", "--disk", f"path={img}", "--net", f"tap={tap}",
-                           "--rng", "src=/dev/urandom", "--console", "off", "-v")
-    assert rc == 0, err
-    assert "Hello from hyperpy guest" in out
+    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+                   "--kernel", "builtin:hello", "--disk", f"path={img}", "--net", f"tap={tap}",
+                   "--rng", "src=/dev/urandom", "--console", "off", "-v"],
+                  check=False, timeout=120, cwd=tempfile.gettempdir(), errors="replace")
+    assert p.returncode == 0, p.stderr
+    assert "Hello from hyperpy guest" in p.stdout
     for dev in ("virtio-blk", "virtio-net", "virtio-rng"):
-        assert dev in err
+        assert dev in p.stderr
+    assert f"created tap {tap}" in p.stderr
 
 
 # --- ACPI -------------------------------------------------------------------------------------

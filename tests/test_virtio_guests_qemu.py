@@ -6,18 +6,15 @@ and expectations live in tests/virtio_expect.py, which hyperpy's own device test
 a guest that passes here and fails under hyperpy points at hyperpy.
 
 Skips without qemu-system-x86_64 (`apt-get install -y qemu-system-x86`) or gcc. The virtio-net
-test also needs /dev/net/tun and CAP_NET_ADMIN: it creates a persistent tap, lets QEMU attach to
-it, reads the guest's frame with an AF_PACKET socket and answers it.
+test also needs /dev/net/tun and root: in a network namespace of its own (tests/netns.py) it
+creates a persistent tap, runs QEMU there attached to it, reads the guest's frame with an
+AF_PACKET socket and answers it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -220,65 +217,29 @@ def test_console_rx_with_irq(guests, tmp_path):
 
 # ---- virtio-net ----
 
-TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
 GUEST_MAC = "52:54:00:12:34:56"
 
 
-def _tap_persist(name: str, persist: bool) -> None:
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-        fcntl.ioctl(fd, TUNSETPERSIST, int(persist))
-    finally:
-        os.close(fd)
-
-
-def _link_up(name: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", name.encode(), 0))
-        flags = struct.unpack_from("16sH", ifr)[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", name.encode(), flags | IFF_UP))
-
-
 @pytest.fixture
-def tap():
-    """A persistent tap interface, up, with IPv6 off (quieter); removed afterwards."""
+def tap(netns):
+    """A persistent tap, up, in the test's own network namespace (IPv6 is off there); it goes
+    with the namespace."""
     name = f"hptest{os.getpid() % 100000}"
-    try:
-        _tap_persist(name, True)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENODEV, errno.EPERM, errno.EACCES):
-            pytest.skip(f"cannot create a tap interface: {e}")
-        raise
-    try:
-        ipv6 = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
-        try:
-            ipv6.write_text("1")
-        except OSError:
-            pass
-        _link_up(name)
-        yield name
-    finally:
-        _tap_persist(name, False)
+    netns.ip("tuntap", "add", "dev", name, "mode", "tap")
+    netns.ip("link", "set", name, "up")
+    return name
 
 
 @needs_qemu
 @pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
-def test_net(guests, tap, irq):
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(expect.NET_ETHERTYPE))
-    sock.bind((tap, 0))
+def test_net(guests, netns, tap, irq):
+    sock = netns.packet_socket(tap, expect.NET_ETHERTYPE)
     cmd = qemu_cmd(guests["virtio_net"], "irq" if irq else "",
                    "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                    "-device", f"virtio-net-pci,disable-legacy=on,netdev=n0,mac={GUEST_MAC}",
                    net=True)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = netns.popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
     try:
         expect.exchange_frame(sock, proc, GUEST_MAC, time.monotonic() + 60)
         stdout, _ = proc.communicate(timeout=60)

@@ -4,7 +4,8 @@ The device sits behind the real virtio-pci transport (fake VM, MSI router and ev
 simulated driver (``virtio_driver.Driver``) drives every queue.  Covers the queue layout and the
 features offered, the control queue (VQ_PAIRS_SET and everything it must refuse), frames sent
 from a second tx queue and seen on the tap, frames injected on the tap arriving only in the rx
-queues in use, and ``--net num_queues`` parsing.
+queues in use, and ``--net num_queues`` parsing.  Every tap lives in the test's own network
+namespace (tests/netns.py).
 """
 
 from __future__ import annotations
@@ -87,14 +88,17 @@ def frame(src: bytes = MAC, dst: bytes = b"\xff" * 6, payload: bytes = b"hyperpy
 
 
 class Harness:
-    """A Net on a fresh tap, behind the virtio-pci transport, with one Driver per queue."""
+    """A Net on a fresh tap in ``ns``, behind the virtio-pci transport, with one Driver per
+    queue."""
 
-    def __init__(self, num_queues: int):
+    def __init__(self, num_queues: int, ns):
+        self.ns = ns
         self.mem = GuestMemory()
         self.mem.add_region(0, 16 << 20)
         self.tap = f"hpmq{os.getpid() % 10000}n{next(_names)}"
         self.loop = FakeLoop()
-        self.net = Net(self.tap, MAC, num_queues=num_queues)
+        with ns.entered():     # the tap is created in the namespace of the thread opening it
+            self.net = Net(self.tap, MAC, num_queues=num_queues)
         self.dev = VirtioPciDevice(self.net, vm=FakeVm(), router=FakeRouter(), loop=self.loop,
                                    address_space=AddressSpace(self.mem))
         self.drivers: dict[int, Driver] = {}
@@ -203,22 +207,21 @@ class Harness:
         return self.drivers[2 * pair + 1].add([VNET_HDR + f])
 
     def attached_queues(self) -> int:
-        return sum(1 for d in os.listdir(f"/sys/class/net/{self.tap}/queues") if d.startswith("rx-"))
+        return sum(1 for d in self.ns.listdir(f"/sys/class/net/{self.tap}/queues") if d.startswith("rx-"))
 
     def tun_flags(self) -> int:
-        with open(f"/sys/class/net/{self.tap}/tun_flags") as f:
-            return int(f.read(), 16)
+        return int(self.ns.read(f"/sys/class/net/{self.tap}/tun_flags"), 16)
 
     def close(self) -> None:
         self.dev.close()
 
 
 @pytest.fixture
-def make():
+def make(netns):
     made = []
 
     def _make(num_queues: int) -> Harness:
-        h = Harness(num_queues)
+        h = Harness(num_queues, netns)
         made.append(h)
         return h
 
@@ -228,13 +231,12 @@ def make():
 
 
 @pytest.fixture
-def sniffer():
-    """An AF_PACKET socket on a tap, for our ethertype only."""
+def sniffer(netns):
+    """An AF_PACKET socket on a tap of the test's namespace, for our ethertype only."""
     socks = []
 
     def _open(tap: str) -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-        s.bind((tap, 0))
+        s = netns.packet_socket(tap, ETHERTYPE)
         socks.append(s)
         return s
 
@@ -264,6 +266,8 @@ def test_single_pair_is_unchanged(make):
     assert h.dev.bar_read(0, DEVICE_OFF + 8, 2) == 1       # max_virtqueue_pairs
     assert not h.tun_flags() & netio.IFF_MULTI_QUEUE
     assert len(h.net.tap_fds) == 1 and h.net.tap_fd == h.net.tap_fds[0]
+    # The tap is in the test's namespace, not in this machine's own.
+    assert h.tap in h.ns.links() and h.tap not in [name for _, name in socket.if_nameindex()]
 
 
 @needs_tun

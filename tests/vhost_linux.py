@@ -40,13 +40,19 @@ def feature_line(log: str) -> str:
 
 
 class Backend:
-    """``hyperpy vhost-user KIND --socket SOCK ARGS...`` as a child process, logging to a file."""
+    """``hyperpy vhost-user KIND --socket SOCK ARGS...`` as a child process, logging to a file.
 
-    def __init__(self, kind: str, sock: Path, args: list[str], log: Path, timeout: float = 20) -> None:
+    ``netns`` (a tests/netns.py NetNs): run it in that network namespace -- the net back-end,
+    which creates a tap and addresses it, always runs in the test's own namespace.  Its Unix
+    socket is a file, so QEMU reaches it from any namespace."""
+
+    def __init__(self, kind: str, sock: Path, args: list[str], log: Path, timeout: float = 20,
+                 netns=None) -> None:
         self.sock, self.log_path = sock, log
+        argv = [sys.executable, "-m", "hyperpy", "vhost-user", kind, "--socket", str(sock), *args,
+                "-v", "--log-file", str(log)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hyperpy", "vhost-user", kind, "--socket", str(sock), *args,
-             "-v", "--log-file", str(log)],
+            netns.cmd(argv) if netns is not None else argv,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             cwd=tempfile.gettempdir())
         deadline = time.monotonic() + timeout

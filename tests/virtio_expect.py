@@ -494,19 +494,23 @@ def comparable_acpi(f: dict) -> dict:
             "fail": f["fail"], "exceptions": f["exceptions"]}
 
 
-def exchange_frame(sock, proc, guest_mac: str, deadline: float) -> bytes:
+def exchange_frame(sock, proc, guest_mac: str | None, deadline: float) -> bytes:
     """Wait (until ``deadline``, time.monotonic) for the guest's frame on ``sock`` (an AF_PACKET
-    socket on the tap), check it, answer with ``net_reply_frame``; returns the guest's frame.
-    Gives up early when ``proc`` (the VMM) exits."""
+    socket on the tap, in the test's network namespace), check it, answer with
+    ``net_reply_frame``; returns the guest's frame.  ``guest_mac`` None: the VMM chose the MAC,
+    the first frame of ours (``NET_TX_PAYLOAD``) says which.  Gives up early when ``proc`` (the
+    VMM) exits."""
     frame = None
     while frame is None and time.monotonic() < deadline:
         if select.select([sock], [], [], 1.0)[0]:
             got = sock.recv(4096)
-            if got[6:12] == mac_bytes(guest_mac):
+            ours = got[6:12] == mac_bytes(guest_mac) if guest_mac else got[14:].startswith(NET_TX_PAYLOAD)
+            if ours:
                 frame = got
         elif proc.poll() is not None:
             break
     assert frame is not None, "no frame from the guest"
+    guest_mac = guest_mac or frame[6:12].hex(":")
     check_guest_frame(frame, guest_mac)
     sock.send(net_reply_frame(guest_mac))
     return frame

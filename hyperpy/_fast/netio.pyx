@@ -3,8 +3,8 @@
 
 Frames move with one ``readv``/``writev`` on iovecs that point into guest RAM: the tap's vnet
 header has the same layout as the driver's ``struct virtio_net_hdr_v1``, so nothing is copied.
-TAP constants (multi-queue ones included), ``struct virtio_net_config`` and the control-queue
-structures come from the UAPI headers.
+TAP constants (multi-queue ones included), the interface ioctls, ``struct virtio_net_config``
+and the control-queue structures come from the UAPI headers.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -25,6 +25,18 @@ from hyperpy._fast.virtqueue cimport SplitQueue, Chain
 
 cdef extern from "<sys/ioctl.h>":   # defines _IOW, which <linux/if_tun.h> uses
     pass
+
+cdef extern from "<linux/if.h>":
+    enum:
+        _IFNAMSIZ "IFNAMSIZ"
+        _IFF_UP "IFF_UP"
+
+cdef extern from "<linux/sockios.h>":
+    enum:
+        _SIOCGIFFLAGS "SIOCGIFFLAGS"
+        _SIOCSIFFLAGS "SIOCSIFFLAGS"
+        _SIOCSIFADDR "SIOCSIFADDR"
+        _SIOCSIFNETMASK "SIOCSIFNETMASK"
 
 cdef extern from "<linux/if_tun.h>":
     const unsigned long _TUNSETIFF "TUNSETIFF"
@@ -57,6 +69,12 @@ cdef extern from "<linux/virtio_net.h>" nogil:
     struct virtio_net_ctrl_mq:
         uint16_t virtqueue_pairs
 
+IFNAMSIZ = _IFNAMSIZ                 # interface names: IFNAMSIZ - 1 bytes and the NUL
+IFF_UP = _IFF_UP
+SIOCGIFFLAGS = _SIOCGIFFLAGS
+SIOCSIFFLAGS = _SIOCSIFFLAGS
+SIOCSIFADDR = _SIOCSIFADDR
+SIOCSIFNETMASK = _SIOCSIFNETMASK
 TUNSETIFF = _TUNSETIFF
 TUNSETVNETHDRSZ = _TUNSETVNETHDRSZ
 TUNSETOFFLOAD = _TUNSETOFFLOAD

@@ -285,19 +285,16 @@ def _disk(v: Any, path: str):
                       id=serial or ident, pci_device_id=_pci_slot(o), iommu=o.get("iommu", bool, False))
 
 
-def _net(v: Any, path: str, index: int):
-    import os
-
-    from ..config import NetConfig, _ipv4, parse_mac
+def _net(v: Any, path: str):
+    from ..config import NetConfig, _ipv4, parse_mac, parse_tap, random_mac
 
     o = _Obj(v, path, ("tap", "ip", "mask", "mac", "iommu", "num_queues", "queue_size", "id",
                        "pci_device_id"), _NET_DEFAULTS)
-    tap = o.string("tap", "") or f"hptap{index}"
-    if len(tap.encode()) > 15 or "/" in tap or " " in tap:
-        raise _err(o.at("tap"), f"{tap!r} is not a valid interface name", "at most 15 characters")
     try:
-        mac = parse_mac(o.string("mac"), o.at("mac")) if o.v.get("mac") is not None \
-            else bytes([0x52, 0x54, 0x00]) + os.urandom(3)
+        # Absent, null or "" tap: the kernel names a new one (vmtapN); mac likewise: a random
+        # locally administered one -- cloud-hypervisor's rules.
+        tap = parse_tap(o.string("tap", ""), o.at("tap"))
+        mac = parse_mac(o.string("mac"), o.at("mac")) if o.string("mac", "") else random_mac()
         ip = _ipv4(o.string("ip"), o.at("ip")) if o.v.get("ip") is not None else None
         mask = _ipv4(o.string("mask"), o.at("mask")) if o.v.get("mask") is not None else None
     except ConfigError as e:
@@ -337,7 +334,8 @@ def _list(o: _Obj, key: str) -> list:
 
 def from_json(body: Any):
     """A cloud-hypervisor VmConfig (parsed JSON) -> :class:`hyperpy.config.VmConfig`."""
-    from ..config import CpusConfig, DEFAULT_MEMORY_SIZE, IommuConfig, SerialConfig, ConsoleConfig, VmConfig
+    from ..config import (CpusConfig, DEFAULT_MEMORY_SIZE, IommuConfig, SerialConfig, ConsoleConfig, VmConfig,
+                          named_taps)
     from ..memory import MemoryBacking
 
     o = _Obj(body, "", ("cpus", "memory", "payload", "disks", "net", "rng", "serial", "console",
@@ -352,16 +350,16 @@ def from_json(body: Any):
         serial=_output(o.v["serial"], "serial", False) if o.v.get("serial") is not None else SerialConfig("null"),
         console=_output(o.v["console"], "console", True) if o.v.get("console") is not None else ConsoleConfig("off"),
         disks=tuple(_disk(d, f"disks[{i}]") for i, d in enumerate(_list(o, "disks"))),
-        nets=tuple(_net(n, f"net[{i}]", i) for i, n in enumerate(_list(o, "net"))),
+        nets=tuple(_net(n, f"net[{i}]") for i, n in enumerate(_list(o, "net"))),
         rng=_rng(o.v["rng"]) if o.v.get("rng") is not None else None,
         iommu=IommuConfig() if o.get("iommu", bool, False) else None,
         devices=tuple(_device(d, f"devices[{i}]") for i, d in enumerate(_list(o, "devices"))),
     )
     if cfg.iommu is None and cfg.iommu_endpoints():
         cfg = dataclasses.replace(cfg, iommu=IommuConfig())
-    taps = [n.tap for n in cfg.nets]
+    taps = named_taps(cfg.nets)
     if len(set(taps)) != len(taps):
-        raise _err("net", "two devices use the same tap", "give each its own tap")
+        raise _err("net", "two devices use the same tap", "give each its own tap, or leave tap out for a generated one")
     slots = [d.pci_device_id for d in (*cfg.disks, *cfg.nets, cfg.rng, *cfg.devices)
              if d is not None and d.pci_device_id]
     if len(set(slots)) != len(slots):
@@ -382,6 +380,8 @@ def _drop_none(d: dict) -> dict:
 
 def to_json(cfg) -> dict:
     """:class:`hyperpy.config.VmConfig` -> a cloud-hypervisor VmConfig (for ``vm.info``)."""
+    from ..config import TAP_TEMPLATE
+
     mem = cfg.memory
     out: dict[str, Any] = {
         "cpus": {"boot_vcpus": cfg.cpus.boot, "max_vcpus": cfg.cpus.boot},
@@ -403,7 +403,9 @@ def to_json(cfg) -> dict:
                                     "iommu": d.iommu, "num_queues": d.num_queues, "queue_size": d.queue_size,
                                     "id": d.id or None, "pci_device_id": d.pci_device_id}) for d in cfg.disks]
     if cfg.nets:
-        out["net"] = [_drop_none({"tap": n.tap, "mac": n.mac.hex(":"), "ip": n.ip, "mask": n.mask,
+        # The default template is what "no tap given" became: reported as absent, as given.
+        out["net"] = [_drop_none({"tap": None if n.tap == TAP_TEMPLATE else n.tap,
+                                  "mac": n.mac.hex(":"), "ip": n.ip, "mask": n.mask,
                                   "iommu": n.iommu, "num_queues": n.num_queues, "queue_size": n.queue_size,
                                   "id": n.id or None, "pci_device_id": n.pci_device_id}) for n in cfg.nets]
     if cfg.rng is not None:

@@ -98,7 +98,9 @@ def blk(
 @app.command()
 def net(
     socket: SocketOpt,
-    tap: Annotated[str, typer.Option("--tap", metavar="NAME", help="TAP interface (created if missing).")],
+    tap: Annotated[str, typer.Option("--tap", metavar="NAME",
+                                     help="TAP interface (created if missing); empty or left out: "
+                                          "a new one that the kernel names vmtapN.")] = "",
     ip: Annotated[str | None, typer.Option("--ip", help="Host-side IPv4 address of the tap.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Host-side netmask of the tap.")] = None,
     num_queues: Annotated[int, typer.Option("--num-queues", metavar="N",

@@ -19,22 +19,37 @@ from .device import DeviceContext, VirtioDevice
 log = logging.getLogger(__name__)
 
 RX, TX = 0, 1
-IFNAMSIZ = 16
-# Interface ioctls (<linux/sockios.h>); standard socket API numbers, stable across kernels.
-SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
-IFF_UP = 0x1
+IFNAMSIZ = netio.IFNAMSIZ
+# Interface ioctls and flags (<linux/sockios.h>, <linux/if.h>).
+SIOCGIFFLAGS, SIOCSIFFLAGS = netio.SIOCGIFFLAGS, netio.SIOCSIFFLAGS
+SIOCSIFADDR, SIOCSIFNETMASK = netio.SIOCSIFADDR, netio.SIOCSIFNETMASK
+IFF_UP = netio.IFF_UP
 CTRL_QUEUE_SIZE = 64        # the control queue (multi-queue only); commands are rare and small
 MAX_CTRL_COMMAND = 4096     # readable bytes of one control command we are willing to copy
+
+
+def _interface_exists(name: str) -> bool:
+    """Whether this network namespace has an interface ``name`` (never for a template)."""
+    if "%" in name:
+        return False
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def open_tap(name: str, queues: int = 1) -> tuple[list[int], str]:
     """Create (or attach to) TAP ``name`` with a 12-byte virtio-net header; non-blocking fds.
 
-    With ``queues`` > 1 the tap is multi-queue (``IFF_MULTI_QUEUE``) and one fd is opened per
-    queue, all on the same interface.  Returns the fds and the interface's name.
+    ``name`` may be a template such as ``vmtap%d``: the kernel creates the tap under the first
+    free name of that form, so it never takes over an existing interface.  With ``queues`` > 1
+    the tap is multi-queue (``IFF_MULTI_QUEUE``) and one fd is opened per queue, all on the same
+    interface.  Returns the fds and the interface's name (read back from the kernel).
     """
     if len(name.encode()) >= IFNAMSIZ:
         raise DeviceError(f"--net tap={name}: interface names have at most {IFNAMSIZ - 1} bytes")
+    existed = _interface_exists(name)
     flags = netio.IFF_TAP | netio.IFF_NO_PI | netio.IFF_VNET_HDR
     if queues > 1:
         flags |= netio.IFF_MULTI_QUEUE
@@ -53,7 +68,8 @@ def open_tap(name: str, queues: int = 1) -> tuple[list[int], str]:
                 fcntl.ioctl(fd, netio.TUNSETVNETHDRSZ, struct.pack("i", netio.VNET_HDR_SIZE))
                 fcntl.ioctl(fd, netio.TUNSETOFFLOAD, 0)   # no offloads: the guest sees plain frames
             except OSError as e:
-                hint = "give a free name or an existing tap owned by this user"
+                hint = ("run as root (or with CAP_NET_ADMIN)" if "%" in name
+                        else "give a free name or an existing tap owned by this user")
                 if queues > 1:
                     hint += " (an existing tap must be multi-queue for num_queues > 2)"
                 raise DeviceError(f"--net tap={name}: cannot attach the TAP device: {e.strerror}",
@@ -63,6 +79,10 @@ def open_tap(name: str, queues: int = 1) -> tuple[list[int], str]:
         for fd in fds:
             os.close(fd)
         raise
+    if existed:
+        log.info("virtio-net: attached to the existing tap %s", ifname)
+    else:
+        log.info("virtio-net: created tap %s%s", ifname, f" (from {name})" if ifname != name else "")
     return fds, ifname
 
 
