@@ -7,17 +7,21 @@ that list into the table one vCPU gets (``KVM_SET_CPUID2``):
   this vCPU's APIC ID is its index;
 * the "hypervisor present" bit is set and leaf 0x40000000 carries KVM's signature, so guests
   enable their paravirtual features (kvm-clock etc.);
-* every feature the user masked (``--cpus features=[-avx2,...]``) is hidden.
+* every feature the user masked (``--cpus features=[-avx2,...]``) is hidden;
+* leaf 0xD (XSAVE) is rebuilt from its sub-leaves after masking (:func:`xsave_entries`).
 
 Feature names follow Linux's ``/proc/cpuinfo`` flags (``arch/x86/include/asm/cpufeatures.h``).
 Masking hides exactly the named bit and nothing else: hiding a feature that others build on
 (``avx`` under ``avx2``/``fma``/``f16c``, ``avx2`` under the ``avx512*`` family, ``xsave`` under
 ``avx``) while leaving the dependents visible gives the guest a CPU that does not exist; mask
 the whole family (e.g. ``features=[-avx2,-avx512f,-avx512dq,-avx512bw,-avx512vl]``).
-:func:`unmasked_dependents` names what was left out.
+:func:`unmasked_dependents` names what was left out.  The one exception is the XSAVE state a
+hidden feature owns (YMM for ``avx``, PKRU for ``pku``, ...): it leaves leaf 0xD with its
+feature, since a guest must not be able to enable state for registers it has not got.
 
-Pure Python: no KVM access, so it is testable anywhere.  The KVM layer converts between
-``struct kvm_cpuid_entry2`` and :class:`CpuidEntry`.
+No KVM access (only ``KVM_CPUID_FLAG_SIGNIFCANT_INDEX`` comes from the compiled layer, which
+takes it from ``<asm/kvm.h>``), so it is testable without /dev/kvm.  The KVM layer converts
+between ``struct kvm_cpuid_entry2`` and :class:`CpuidEntry`.
 """
 
 from __future__ import annotations
@@ -26,18 +30,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ._fast.kvm import CPUID_FLAG_SIGNIFCANT_INDEX as KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 from .errors import ConfigError
 
 Register = Literal["eax", "ebx", "ecx", "edx"]
-
-# struct kvm_cpuid_entry2.flags
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 LEAF_VENDOR = 0x0
 LEAF_FEATURES = 0x1
 LEAF_CACHE_PARAMS = 0x4
 LEAF_EXT_FEATURES = 0x7
 LEAF_EXT_TOPOLOGY = 0xB
+LEAF_XSAVE = 0xD
 LEAF_V2_EXT_TOPOLOGY = 0x1F
 LEAF_HYPERVISOR = 0x4000_0000
 LEAF_KVM_FEATURES = 0x4000_0001
@@ -54,6 +57,34 @@ LEAF1_ECX_HYPERVISOR = 31
 LEVEL_TYPE_INVALID = 0
 LEVEL_TYPE_SMT = 1
 LEVEL_TYPE_CORE = 2
+
+# XSAVE (Intel SDM vol. 1, ch. 13): the legacy region (x87 and SSE state, 512 bytes) and the
+# XSAVE header (64 bytes) come first; state component i >= 2 is described by CPUID(0xD, i):
+# EAX = size, EBX = offset in the standard format (user components), ECX bit 0 = managed by
+# IA32_XSS (supervisor), ECX bit 1 = 64-byte aligned in the compacted format.
+XSAVE_LEGACY_SIZE = 512
+XSAVE_HEADER_SIZE = 64
+XSAVE_FIXED_SIZE = XSAVE_LEGACY_SIZE + XSAVE_HEADER_SIZE
+XSTATE_X87, XSTATE_SSE, XSTATE_YMM = 0, 1, 2
+XSTATE_SUPERVISOR = 1 << 0          # CPUID(0xD, i).ECX
+XSTATE_ALIGN64 = 1 << 1
+
+# State components and the CPUID features that use them: a component goes when every one of
+# its features is hidden (Linux's xsave_cpuid_features, arch/x86/kernel/fpu/xstate.c).
+XSTATE_FEATURES: dict[int, tuple[str, ...]] = {
+    2: ("avx",),                            # YMM_Hi128
+    3: ("mpx",), 4: ("mpx",),               # BNDREGS, BNDCSR
+    5: ("avx512f",), 6: ("avx512f",), 7: ("avx512f",),   # opmask, ZMM_Hi256, Hi16_ZMM
+    8: ("intel_pt",),                       # PT (supervisor)
+    9: ("pku",),                            # PKRU
+    10: ("enqcmd",),                        # PASID (supervisor)
+    11: ("shstk", "ibt"), 12: ("shstk", "ibt"),          # CET_U, CET_S (supervisor)
+    15: ("arch_lbr",),                      # LBR (supervisor)
+    17: ("amx_tile",), 18: ("amx_tile",),   # XTILECFG, XTILEDATA
+}
+# XCR0 components that XSETBV only accepts together (SDM vol. 1, 13.3).
+XSTATE_GROUPS: tuple[tuple[int, ...], ...] = ((3, 4), (5, 6, 7), (17, 18))
+XSTATE_AVX512 = (5, 6, 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +275,108 @@ def _clear_feature(entries: list[CpuidEntry], fb: FeatureBit) -> list[CpuidEntry
     return out
 
 
+def _bits_of(mask: int) -> list[int]:
+    return [i for i in range(64) if mask >> i & 1]
+
+
+def xsave_size_standard(components: dict[int, CpuidEntry], mask: int) -> int:
+    """XSAVE area size in the standard format for state ``mask`` (CPUID(0xD,0).EBX's rule)."""
+    ends = [components[i].ebx + components[i].eax for i in _bits_of(mask) if i in components]
+    return max([XSAVE_FIXED_SIZE, *ends])
+
+
+def xsave_size_compacted(components: dict[int, CpuidEntry], mask: int) -> int:
+    """XSAVE area size in the compacted format (XSAVEC/XSAVES) for state ``mask``."""
+    size = XSAVE_FIXED_SIZE
+    for i in _bits_of(mask):
+        c = components.get(i)
+        if c is None:
+            continue
+        if c.ecx & XSTATE_ALIGN64:
+            size = (size + 63) & ~63
+        size += c.eax
+    return size
+
+
+def _xcr0_acceptable(xcr0: int) -> int:
+    """``xcr0`` less the components XSETBV would not accept in it (SDM vol. 1, 13.3)."""
+    def without(mask: int, bits: Iterable[int]) -> int:
+        for b in bits:
+            mask &= ~(1 << b)
+        return mask
+    if not xcr0 >> XSTATE_SSE & 1:
+        xcr0 = without(xcr0, (XSTATE_YMM,))
+    if not xcr0 >> XSTATE_YMM & 1:
+        xcr0 = without(xcr0, XSTATE_AVX512)
+    for group in XSTATE_GROUPS:
+        if any(not xcr0 >> b & 1 for b in group):
+            xcr0 = without(xcr0, group)
+    return xcr0
+
+
+def xsave_entries(entries: Sequence[CpuidEntry], hidden: Iterable[str] = ()) -> list[CpuidEntry]:
+    """Leaf 0xD for the guest, rebuilt from KVM's leaf 0xD entries in ``entries``.
+
+    The supported XCR0 (0xD.0 EAX/EDX) and IA32_XSS (0xD.1 ECX/EDX) masks keep only the state
+    components that have a valid sub-leaf (non-zero size, user/supervisor as the mask says),
+    whose features are not all ``hidden`` (:data:`XSTATE_FEATURES`), and that XSETBV accepts
+    together (:data:`XSTATE_GROUPS`, YMM needs SSE, AVX-512 state needs YMM); supervisor state
+    needs XSAVES.  Every remaining component gets exactly one sub-leaf, flagged
+    ``KVM_CPUID_FLAG_SIGNIFCANT_INDEX``; no other sub-leaf is left.  0xD.0 EBX and ECX are the
+    standard-format size of the whole XCR0 mask, 0xD.1 EBX the compacted size of XCR0|XSS (0
+    without XSAVEC/XSAVES): the sizes a guest that enables everything gets.  KVM recomputes
+    0xD.0 EBX and 0xD.1 EBX from the vCPU's XCR0/XSS whenever they change (it finds those
+    entries by their significant index), so the guest sees the size for what it enabled.
+
+    ``hidden`` containing ``xsave`` leaves 0xD.0 and 0xD.1 all zero and no sub-leaf.  Without a
+    0xD.0 entry the leaf 0xD entries of ``entries`` are returned unchanged.
+    """
+    hidden = {name.lower() for name in hidden}
+    sig = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    sub: dict[int, CpuidEntry] = {}
+    for e in entries:
+        if e.function == LEAF_XSAVE:
+            sub.setdefault(e.index if e.flags & sig else 0, e)
+    main = sub.get(0)
+    if main is None:
+        return [e for e in entries if e.function == LEAF_XSAVE]
+    if "xsave" in hidden:
+        return [CpuidEntry(LEAF_XSAVE, 0, sig), CpuidEntry(LEAF_XSAVE, 1, sig)]
+    ext = sub.get(1, CpuidEntry(LEAF_XSAVE, 1, sig))
+
+    xcr0 = main.eax | main.edx << 32
+    xss = ext.ecx | ext.edx << 32
+    if not ext.eax & FEATURES["xsaves"].mask:
+        xss = 0                                  # supervisor state is XSAVES-only
+    xss &= ~(xcr0 | (1 << XSTATE_YMM) - 1)      # x87/SSE are XCR0's; a component is one or other
+    components: dict[int, CpuidEntry] = {}
+    for i in _bits_of((xcr0 | xss) & ~((1 << XSTATE_YMM) - 1)):
+        c = sub.get(i)
+        supervisor = bool(xss >> i & 1)
+        gate = XSTATE_FEATURES.get(i, ())
+        if (c is None or c.eax == 0 or bool(c.ecx & XSTATE_SUPERVISOR) != supervisor
+                or (gate and all(name in hidden for name in gate))):
+            xcr0 &= ~(1 << i)
+            xss &= ~(1 << i)
+            continue
+        components[i] = c
+
+    xcr0 = _xcr0_acceptable(xcr0)
+    components = {i: c for i, c in components.items() if (xcr0 | xss) >> i & 1}
+
+    standard = xsave_size_standard(components, xcr0)
+    compact = ext.eax & (FEATURES["xsavec"].mask | FEATURES["xsaves"].mask)
+    out = [
+        replace(main, index=0, flags=main.flags | sig, eax=xcr0 & 0xFFFF_FFFF, ebx=standard,
+                ecx=standard, edx=xcr0 >> 32),
+        replace(ext, index=1, flags=ext.flags | sig,
+                ebx=xsave_size_compacted(components, xcr0 | xss) if compact else 0,
+                ecx=xss & 0xFFFF_FFFF, edx=xss >> 32),
+    ]
+    out += [replace(c, flags=c.flags | sig, edx=0) for _, c in sorted(components.items())]
+    return out
+
+
 def _max_basic_leaf(entries: Sequence[CpuidEntry]) -> int:
     for e in entries:
         if e.function == LEAF_VENDOR:
@@ -286,6 +419,12 @@ def apply_policy(supported: list[CpuidEntry], vcpu_id: int, nr_vcpus: int,
 
     for fb in masks:
         out = _clear_feature(out, fb)
+
+    first = next((i for i, e in enumerate(out) if e.function == LEAF_XSAVE), None)
+    if first is not None:
+        xsave = xsave_entries(out, masked)
+        out = [e for e in out if e.function != LEAF_XSAVE]
+        out[first:first] = xsave
     return out
 
 

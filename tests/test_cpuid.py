@@ -1,6 +1,8 @@
-"""CPUID policy: feature bit numbers, topology leaves, hypervisor leaves, masking."""
+"""CPUID policy: feature bit numbers, topology leaves, hypervisor leaves, masking, leaf 0xD."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -275,3 +277,241 @@ def test_cpuid_entry_matches_index_only_when_significant() -> None:
     assert CpuidEntry(1, 0, 0).matches(1, 5)
     assert not CpuidEntry(7, 0, SIG).matches(7, 1)
     assert CpuidEntry(7, 1, SIG).matches(7, 1)
+
+
+# --------------------------------------------------------------------------- leaf 0xD (XSAVE)
+#
+# What Linux does with leaf 0xD (arch/x86/kernel/fpu/xstate.c, fpu__init_system_xstate): it
+# takes the XCR0 mask from 0xD.0 EAX/EDX (and XSS from 0xD.1 ECX/EDX), drops the components
+# whose CPUID feature is missing, writes XCR0, reads every component's size/offset/flags from
+# sub-leaf i, and compares the area size those add up to with 0xD.0 EBX (standard format) or
+# 0xD.1 EBX (compacted, with XSAVEC/XSAVES): "XSAVE consistency problem: size X != kernel_size
+# Y" when they differ.  KVM keeps 0xD.0/0xD.1 EBX current for the vCPU's XCR0/XSS at run time,
+# from the entries it finds by their significant index.
+
+XSAVES_ALL = 0xF            # 0xD.1 EAX: xsaveopt, xsavec, xgetbv1, xsaves
+
+
+def icelake_supported(arch_lbr: bool = False) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID of an Ice Lake-SP host (AVX-512 and PKRU, no MPX), the leaves
+    that matter here.  ``arch_lbr``: a Sapphire Rapids-like host whose KVM also offers the
+    supervisor (IA32_XSS) LBR state, component 15."""
+    xss = 1 << 15 if arch_lbr else 0
+    table = [
+        CpuidEntry(0x0, 0, 0, eax=0x1B, ebx=0x756E6547, ecx=0x6C65746E, edx=0x49656E69),
+        CpuidEntry(0x1, 0, 0, eax=0x000606A6, ebx=0x0040_0800, ecx=0xF7FA3203, edx=0x0F8BFBFF),
+        CpuidEntry(0x7, 0, SIG, eax=0x1, ebx=0xF1BF07AB, ecx=0x00415F4E,
+                   edx=0x410 | (0x80000 if arch_lbr else 0)),
+        CpuidEntry(0x7, 1, SIG, eax=0x0),
+        # XCR0 = x87 | SSE | YMM | opmask | ZMM_Hi256 | Hi16_ZMM | PKRU; EBX = ECX = its size.
+        CpuidEntry(0xD, 0, SIG, eax=0x2E7, ebx=0xA88, ecx=0xA88, edx=0),
+        CpuidEntry(0xD, 1, SIG, eax=XSAVES_ALL, ebx=0xCB0 if arch_lbr else 0x988, ecx=xss, edx=0),
+        CpuidEntry(0xD, 2, SIG, eax=0x100, ebx=0x240),
+        CpuidEntry(0xD, 5, SIG, eax=0x40, ebx=0x440),
+        CpuidEntry(0xD, 6, SIG, eax=0x200, ebx=0x480),
+        CpuidEntry(0xD, 7, SIG, eax=0x400, ebx=0x680),
+        CpuidEntry(0xD, 9, SIG, eax=0x8, ebx=0xA80),
+    ]
+    if arch_lbr:
+        table.append(CpuidEntry(0xD, 15, SIG, eax=0x328, ebx=0, ecx=1))
+    table += [
+        CpuidEntry(0xB, 0, SIG, eax=1, ebx=2, ecx=0x100, edx=0x2A),
+        CpuidEntry(0xB, 1, SIG, eax=7, ebx=64, ecx=0x201, edx=0x2A),
+        CpuidEntry(0x4000_0000, 0, 0, eax=0x4000_0001, ebx=0x4B4D564B, ecx=0x564B4D56, edx=0x4D),
+        CpuidEntry(0x4000_0001, 0, 0, eax=0x0100_7AFB),
+        CpuidEntry(0x8000_0000, 0, 0, eax=0x8000_0008),
+        CpuidEntry(0x8000_0001, 0, 0, ecx=0x121, edx=0x2C10_0800),
+    ]
+    return table
+
+
+def xsave_leaf(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    return [e for e in entries if e.function == 0xD]
+
+
+def masks(entries: list[CpuidEntry]) -> tuple[int, int]:
+    d0, d1 = leaf(entries, 0xD, 0), leaf(entries, 0xD, 1)
+    return d0.eax | d0.edx << 32, d1.ecx | d1.edx << 32
+
+
+def linux_sizes(entries: list[CpuidEntry], xcr0: int, xss: int) -> tuple[int, int]:
+    """(standard, compacted) XSAVE sizes as Linux adds them up from sub-leaves 2..63."""
+    standard = compacted = 576
+    for i in range(2, 64):
+        if not (xcr0 | xss) >> i & 1:
+            continue
+        sub = find(entries, 0xD, i)
+        assert sub is not None and sub.flags & SIG and sub.index == i, f"no sub-leaf 0xD.{i}"
+        assert sub.eax, f"0xD.{i} has size 0"
+        assert bool(sub.ecx & 1) == bool(xss >> i & 1), f"0xD.{i} user/supervisor flag wrong"
+        if xcr0 >> i & 1:
+            standard = max(standard, sub.ebx + sub.eax)
+        if sub.ecx & 2:
+            compacted = (compacted + 63) & ~63
+        compacted += sub.eax
+    return standard, compacted
+
+
+def guest_xcr0_values(supported_xcr0: int) -> list[int]:
+    """Every XCR0 a guest may write with XSETBV (x87 set, YMM needs SSE, AVX-512 state as one
+    group on top of YMM) within the supported mask."""
+    optional = [b for b in range(1, 64) if supported_xcr0 >> b & 1]
+    values = []
+    for n in range(1 << len(optional)):
+        x = 1 | sum(1 << b for k, b in enumerate(optional) if n >> k & 1)
+        avx512 = x >> 5 & 7
+        if x >> 2 & 1 and not x >> 1 & 1:
+            continue
+        if avx512 not in (0, 7) or (avx512 and not x >> 2 & 1):
+            continue
+        values.append(x)
+    return values
+
+
+def assert_xsave_consistent(out: list[CpuidEntry]) -> None:
+    xcr0, xss = masks(out)
+    d0, d1 = leaf(out, 0xD, 0), leaf(out, 0xD, 1)
+    subs = xsave_leaf(out)
+    assert all(e.flags & SIG for e in subs), "leaf 0xD entry without the significant-index flag"
+    indices = [e.index for e in subs]
+    assert len(indices) == len(set(indices)), f"duplicate 0xD sub-leaves {indices}"
+    assert set(indices) == {0, 1} | {i for i in range(2, 64) if (xcr0 | xss) >> i & 1}
+    assert not xcr0 & xss
+    # Sizes for everything the guest can enable, which is what a guest enabling all gets.
+    standard, compacted = linux_sizes(out, xcr0, xss)
+    assert d0.ebx == d0.ecx == standard
+    assert d1.ebx == (compacted if d1.eax & 0xA else 0)
+    # Every XCR0 the guest may set adds up from present, non-overlapping sub-leaves.
+    user = sorted((find(out, 0xD, i).ebx, find(out, 0xD, i).eax)
+                  for i in range(2, 64) if xcr0 >> i & 1)
+    for (off, size), (next_off, _) in zip(user, user[1:]):
+        assert off + size <= next_off
+    assert all(off >= 576 for off, _ in user)
+    for x in guest_xcr0_values(xcr0):
+        assert linux_sizes(out, x, 0)[0] <= d0.ecx
+
+
+@pytest.mark.parametrize("arch_lbr", [False, True])
+@pytest.mark.parametrize("nr", [1, 2])
+def test_xsave_leaf_self_consistent_and_same_on_every_vcpu(nr: int, arch_lbr: bool) -> None:
+    supported = icelake_supported(arch_lbr)
+    tables = [apply_policy(supported, vcpu, nr) for vcpu in range(nr)]
+    for out in tables:
+        assert_xsave_consistent(out)
+        assert masks(out) == (0x2E7, 1 << 15 if arch_lbr else 0)
+        assert leaf(out, 0xD, 0).ebx == 2696              # PKRU at 0xA80 + 8 is topmost
+        assert leaf(out, 0xD, 1).ebx == (3248 if arch_lbr else 2440)
+        assert leaf(out, 0xD, 1).eax == XSAVES_ALL
+        assert [e.index for e in xsave_leaf(out)] == [0, 1, 2, 5, 6, 7, 9] + [15] * arch_lbr
+    assert all(xsave_leaf(t) == xsave_leaf(tables[0]) for t in tables)
+
+
+def without_apic_ids(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """The table with the per-vCPU fields (APIC IDs in leaf 1 EBX[31:24], 0xB/0x1F EDX) zeroed."""
+    out = []
+    for e in entries:
+        if e.function == 1:
+            e = replace(e, ebx=e.ebx & 0x00FF_FFFF)
+        elif e.function in (0xB, 0x1F):
+            e = replace(e, edx=0)
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("nr", [2, 3])
+def test_tables_differ_only_in_apic_ids(nr: int) -> None:
+    tables = [apply_policy(icelake_supported(True), v, nr, ("avx512f",)) for v in range(nr)]
+    assert len({len(t) for t in tables}) == 1
+    assert all(without_apic_ids(t) == without_apic_ids(tables[0]) for t in tables)
+    assert [leaf(t, 1).ebx >> 24 for t in tables] == list(range(nr))
+
+
+@pytest.mark.parametrize("hidden, xcr0, gone, standard, compacted", [
+    # Hiding AVX takes YMM and with it the AVX-512 state (XSETBV wants YMM under it).
+    (("avx", "avx2", "fma", "f16c", *cpuid._AVX512), 0x203, [2, 5, 6, 7], 2696, 584),
+    (("avx512f",), 0x207, [5, 6, 7], 2696, 840),
+    (("pku",), 0xE7, [9], 2688, 2432),
+    (("avx512f", "pku"), 0x7, [5, 6, 7, 9], 832, 832),
+])
+def test_hidden_feature_takes_its_xsave_state(hidden, xcr0, gone, standard, compacted) -> None:
+    for vcpu in (0, 1):
+        out = apply_policy(icelake_supported(), vcpu, 2, hidden)
+        assert_xsave_consistent(out)
+        assert masks(out) == (xcr0, 0)
+        for i in gone:
+            assert find(out, 0xD, i) is None
+        assert (leaf(out, 0xD, 0).ebx, leaf(out, 0xD, 0).ecx) == (standard, standard)
+        assert leaf(out, 0xD, 1).ebx == compacted
+
+
+def test_hidden_xsave_empties_leaf_0xd() -> None:
+    out = apply_policy(icelake_supported(True), 0, 2, ("xsave", "avx"))
+    assert not leaf(out, 1).ecx & (1 << 26)
+    assert [(e.index, e.eax, e.ebx, e.ecx, e.edx) for e in xsave_leaf(out)] == \
+        [(0, 0, 0, 0, 0), (1, 0, 0, 0, 0)]
+    assert all(e.flags & SIG for e in xsave_leaf(out))
+
+
+@pytest.mark.parametrize("hidden, d1_eax, d1_ebx", [
+    (("xsaves",), 0x7, 2440),           # supervisor state needs XSAVES; XSAVEC stays compacted
+    (("arch_lbr",), 0xF, 2440),
+    (("xsavec", "xsaves"), 0x5, 0),     # no compacted format left: 0xD.1 EBX is 0
+])
+def test_supervisor_state_follows_xsaves(hidden, d1_eax, d1_ebx) -> None:
+    out = apply_policy(icelake_supported(arch_lbr=True), 0, 1, hidden)
+    assert_xsave_consistent(out)
+    assert masks(out) == (0x2E7, 0)
+    assert find(out, 0xD, 15) is None
+    assert (leaf(out, 0xD, 1).eax, leaf(out, 0xD, 1).ebx) == (d1_eax, d1_ebx)
+
+
+def test_xcr0_bits_without_a_valid_subleaf_are_dropped() -> None:
+    """A host table whose masks name components it has no (or a wrong) sub-leaf for: the guest
+    must not be told it may enable them."""
+    supported = [e for e in icelake_supported() if (e.function, e.index) != (0xD, 9)]
+    supported = [replace(e, eax=0) if (e.function, e.index) == (0xD, 6) else e
+                 for e in supported]
+    out = apply_policy(supported, 0, 1)
+    assert_xsave_consistent(out)
+    # 9 has no sub-leaf; 6 has size 0, which takes the whole AVX-512 group (5, 6, 7).
+    assert masks(out) == (0x7, 0)
+    assert leaf(out, 0xD, 0).ebx == 832
+
+
+def test_xsave_subleaves_get_the_significant_index_flag() -> None:
+    """KVM finds 0xD.0/0xD.1 by index to keep EBX current; an entry without the flag would
+    answer every sub-leaf."""
+    supported = [replace(e, flags=0) if e.function == 0xD and e.index < 2 else e
+                 for e in icelake_supported()]
+    out = apply_policy(supported, 0, 1)
+    assert_xsave_consistent(out)
+    assert masks(out) == (0x2E7, 0)
+
+
+def test_kvm_holds_the_xsave_leaf_as_set(kvm) -> None:
+    """On this host's KVM: every vCPU gets the same leaf 0xD, every sub-leaf survives
+    KVM_SET_CPUID2 with its index flag, and KVM took over 0xD.0 EBX (the size for the reset
+    XCR0, x87 only), i.e. it found the entry it maintains at run time."""
+    from hyperpy._fast.kvm import Kvm
+
+    k = Kvm()
+    supported = [CpuidEntry(*e) for e in k.supported_cpuid()]
+    vm = k.create_vm()
+    vm.create_irqchip()
+    got = []
+    for i in range(2):
+        vcpu = vm.create_vcpu(i)
+        policy = apply_policy(supported, i, 2)
+        vcpu.set_cpuid([(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                        for e in policy])
+        held = [CpuidEntry(*e) for e in vcpu.get_cpuid()]
+        assert [(e.function, e.index, e.flags) for e in held] == \
+            [(e.function, e.index, e.flags) for e in policy]
+        got.append(held)
+    if find(got[0], 0xD, 0) is None:
+        pytest.skip("this host's KVM offers no leaf 0xD")
+    assert xsave_leaf(got[0]) == xsave_leaf(got[1])
+    want = xsave_leaf(apply_policy(supported, 0, 2))
+    assert [e for e in xsave_leaf(got[0]) if e.index >= 2] == [e for e in want if e.index >= 2]
+    assert leaf(got[0], 0xD, 0).eax == leaf(want, 0xD, 0).eax
+    assert leaf(got[0], 0xD, 0).ebx == 576

@@ -95,6 +95,8 @@ IRQCHIP_PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE
 IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC
 MP_STATE_RUNNABLE = KVM_MP_STATE_RUNNABLE
 MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED
+# struct kvm_cpuid_entry2.flags: CPUID(function, index) matches this entry only for its index.
+CPUID_FLAG_SIGNIFCANT_INDEX = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 
 # ioctl numbers and kvm_run field offsets for the pure-Python reference loop
 # (hyperpy.reference), taken from the headers at build time.
@@ -537,6 +539,32 @@ cdef class Vcpu:
             _ioctl_check(self.fd, KVM_SET_CPUID2, c, f"KVM_SET_CPUID2 (vCPU {self.index})")
         finally:
             free(c)
+
+    def get_cpuid(self):
+        """KVM_GET_CPUID2: the table KVM holds for this vCPU (with the fields KVM maintains at
+        run time, e.g. leaf 0xD.0 EBX for the current XCR0), as (function, index, flags, eax,
+        ebx, ecx, edx) tuples."""
+        cdef int n = 64
+        cdef kvm_cpuid2 *c
+        cdef int r, e, i
+        while True:
+            c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
+            if c == NULL:
+                raise MemoryError()
+            c.nent = n
+            r = ioctl(self.fd, KVM_GET_CPUID2, c)
+            e = errno
+            if r < 0:
+                free(c)
+                if e == E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise KvmError(f"KVM_GET_CPUID2 (vCPU {self.index}) failed: {os.strerror(e)}")
+            out = [(c.entries[i].function, c.entries[i].index, c.entries[i].flags,
+                    c.entries[i].eax, c.entries[i].ebx, c.entries[i].ecx, c.entries[i].edx)
+                   for i in range(c.nent)]
+            free(c)
+            return out
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from (index, value) pairs; every one must be accepted."""

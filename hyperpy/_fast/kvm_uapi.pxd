@@ -33,6 +33,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     unsigned long KVM_GET_SREGS
     unsigned long KVM_SET_SREGS
     unsigned long KVM_SET_CPUID2
+    unsigned long KVM_GET_CPUID2
     unsigned long KVM_GET_MSRS
     unsigned long KVM_SET_MSRS
     unsigned long KVM_SET_FPU
@@ -216,6 +217,7 @@ cdef extern from "<linux/kvm.h>" nogil:
 
 cdef extern from "<asm/kvm.h>" nogil:
     int KVM_NR_INTERRUPTS
+    int KVM_CPUID_FLAG_SIGNIFCANT_INDEX
     struct kvm_regs:
         uint64_t rax, rbx, rcx, rdx
         uint64_t rsi, rdi, rsp, rbp
