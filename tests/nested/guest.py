@@ -30,17 +30,21 @@ fact() { echo "HPFACT $1 $2"; }
 waitfor() { i=0; while ! "$@" 2>/dev/null; do i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.1; done; }
 fact nproc "$(nproc)"
 fact kernel "$(uname -r)"
+"""
+
+G_EPILOGUE = r"""
 for d in /sys/bus/pci/devices/*; do
     g=$(readlink $d/iommu_group); g=${g##*/}
     drv=$(readlink $d/driver); drv=${drv##*/}
-    echo "HPPCI $(basename $d) $(cat $d/vendor):$(cat $d/device) class=$(cat $d/class) group=${g:--} driver=${drv:--}"
+    v=$(cat $d/vendor); p=$(cat $d/device)
+    echo "HPPCI $(basename $d) ${v#0x}:${p#0x} class=$(cat $d/class) group=${g:--} driver=${drv:--}"
 done
 for g in /sys/kernel/iommu_groups/*; do
     [ -d "$g" ] && echo "HPGROUP ${g##*/} type=$(cat $g/type) devices=$(ls $g/devices | tr '\n' ',')"
 done
-"""
-
-G_EPILOGUE = r"""
+# The host reads the VMM's counters while G is still up.
+echo HPCOUNTERS
+sleep 3
 grep -E 'MSI|PCI-MSI' /proc/interrupts | sed 's/^/HPIRQ /'
 echo "HPDMESG begin"
 dmesg -r | grep -E '^<[0-4]>'
@@ -137,7 +141,7 @@ def h_script(kit: linuxkit.Kit, r: GuestRun, initrd: Path) -> str:
             cmd += ["--api-socket", "path=$D/api.sock"]
     else:
         cmd = ["qemu-system-x86_64", "-accel", "kvm", "-nodefaults", "-no-user-config",
-               "-display", "none", "-no-reboot", "-kernel", str(kit.vmlinuz),
+               "-display", "none", "-no-reboot", "-kernel", str(kit.vmlinux),
                "-initrd", str(initrd), "-append", g_cmdline(r),
                "-serial", "file:$D/serial.log", *r.args]
     vmm = " ".join(_quote_with_d(a) for a in cmd)
@@ -162,16 +166,16 @@ VMM=$!
 WATCHDOG=$!
 {r.during}
 if [ "{r.vmm}" = hyperpy ] && [ "{int(r.api)}" = 1 ]; then
-    wait_serial '^HPDONE' {int(r.timeout)} || true
+    wait_serial '^HPCOUNTERS' {int(r.timeout)} && {{ echo "=== counters"; $REMOTE counters 2>&1; }}
+    wait_serial '^HPDONE' 30 || true
     sleep 1
-    echo "=== counters"; $REMOTE counters 2>&1
     $REMOTE shutdown-vmm >/dev/null 2>&1
 fi
 wait $VMM; RC=$?
 kill $WATCHDOG 2>/dev/null
 T1=$(date +%s.%N)
 echo "=== vmm-rc"; echo $RC
-echo "=== vmm-seconds"; awk "BEGIN {{ printf \"%.2f\\n\", $T1 - $T0 }}"
+echo "=== vmm-seconds"; python3 -c "print(round($T1 - $T0, 2))"
 {r.post}
 echo "=== vmm-out"; tail -c 20000 "$D/vmm.out"
 echo "=== vmm-log"; tail -c 20000 "$D/vmm.log" 2>/dev/null

@@ -24,28 +24,29 @@ VIRTIO = {"1af4:1042": "blk", "1af4:1041": "net", "1af4:1044": "rng", "1af4:1043
           "1af4:1057": "iommu"}
 G_MODULES = ["virtio_blk", "virtio_net", "virtio_iommu", "virtio_rng"]
 
-# In G: the device checks every run shares.  /dev/vda is the first disk (ext4 from H on its first
+# In G: the device checks every run shares.  $VDA is the first disk (ext4 from H on its first
 # 64 MiB, a pattern at 128 MiB), eth0 talks to H's tap at 192.168.77.1, H listens on 5001.
 G_DEVICES = r"""
-check blk-present waitfor test -b /dev/vda
+check blk-present waitfor test -b /dev/${LASTDISK:-vda}
 check net-present waitfor ip link show eth0
 echo "HPMAC $(cat /sys/class/net/eth0/address)"
 check rng-present waitfor grep -q virtio /sys/class/misc/hw_random/rng_current
 for b in /sys/block/vd*; do
     fact "disk-$(cat $b/serial)" "$(basename $(readlink -f $b/device/..))"
+    [ "$(cat $b/serial)" = main ] && VDA=/dev/${b##*/}
 done
 dd if=/dev/urandom of=/tmp/pat bs=64k count=32 2>/dev/null
 fact pattern-sha "$(sha256sum /tmp/pat | cut -d' ' -f1)"
-check blk-write dd if=/tmp/pat of=/dev/vda bs=64k seek=2048 conv=fsync
+check blk-write dd if=/tmp/pat of=$VDA bs=64k seek=2048 conv=fsync
 echo 3 > /proc/sys/vm/drop_caches
-dd if=/dev/vda of=/tmp/back bs=64k skip=2048 count=32 2>/dev/null
+dd if=$VDA of=/tmp/back bs=64k skip=2048 count=32 2>/dev/null
 check blk-pattern cmp /tmp/pat /tmp/back
-check ext4-mount mount -t ext4 /dev/vda /mnt
+check ext4-mount mount -t ext4 $VDA /mnt
 echo hyperpy-nested-ext4 > /mnt/hello
 dd if=/tmp/pat of=/mnt/big bs=64k 2>/dev/null
 check ext4-sync sync
 check ext4-umount umount /mnt
-check ext4-remount mount -t ext4 -o ro /dev/vda /mnt
+check ext4-remount mount -t ext4 -o ro $VDA /mnt
 check ext4-read cmp /tmp/pat /mnt/big
 umount /mnt
 ip addr add 192.168.77.2/24 dev eth0
@@ -60,9 +61,11 @@ fact hwrng-distinct "$(od -An -tx1 -v /tmp/rng | tr ' ' '\n' | grep . | sort -u 
 fact rng "$(cat /sys/class/misc/hw_random/rng_current)"
 check hvc-out sh -c 'echo "hvc-from-guest-$(cat /proc/sys/kernel/random/boot_id)" > /dev/hvc0'
 fact boot-id "$(cat /proc/sys/kernel/random/boot_id)"
-stty -F /dev/hvc0 -echo 2>/dev/null
+exec 5<>/dev/hvc0
+stty -echo <&5 2>/dev/null
 echo HVC-WAIT
-read -t 60 line < /dev/hvc0
+read -t 30 line <&5
+exec 5<&-
 fact hvc-in "$line"
 """
 
@@ -102,10 +105,91 @@ def _usage_run() -> gm.GuestRun:
         ["--cpus", "1", "--memory", "size=512M",
          "--disk", "path=$D/disk.img,iommu=on,id=main",
          "--disk", "path=$D/disk2.img,id=plain",
-         "--net", "tap=hpt0,ip=192.168.77.1,mask=255.255.255.0,iommu=on",
+         "--net", "tap=,mac=,ip=192.168.77.1,mask=255.255.255.0,iommu=on",
          "--rng", "src=/dev/urandom,iommu=on",
          "--console", "tty,iommu=on"],
-        G_DEVICES, G_MODULES, pre=H_PRE, during=H_DURING, post=H_POST, stdin='"$D/in"')
+        "LASTDISK=vdb\n" + G_DEVICES, G_MODULES, pre=H_PRE, during=H_DURING, post=H_POST,
+        stdin='"$D/in"')
+
+
+# smp2: the device checks, huge pages in G, then reboot -f; the second boot (it finds the
+# marker the first one wrote on the disk) only reports and powers off.
+G_SMP2 = r"""
+waitfor test -b /dev/vda
+MARK=$(dd if=/dev/vda bs=4096 skip=51200 count=1 2>/dev/null | head -c 8)
+if [ "$MARK" = HPREBOOT ]; then
+    fact boot second
+else
+    fact boot first
+""" + G_DEVICES + r"""
+    fact hugepages-total "$(awk '/^HugePages_Total/ {print $2}' /proc/meminfo)"
+    fact hugepagesize "$(awk '/^Hugepagesize/ {print $2}' /proc/meminfo)"
+    mkdir -p /mnt/huge
+    check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
+    check g-hugepage-use dd if=/dev/zero of=/mnt/huge/f bs=2M count=4
+    fact hugepages-free "$(awk '/^HugePages_Free/ {print $2}' /proc/meminfo)"
+    for c in 0 1; do check cpu$c-runs taskset $((1 << c)) true; done
+    printf HPREBOOT | dd of=$VDA bs=4096 seek=51200 conv=fsync 2>/dev/null
+    grep -E 'MSI' /proc/interrupts | sed 's/^/HPIRQ /'
+    echo "HPDMESG begin"
+    dmesg -r | grep -E '^<[0-4]>'
+    echo "HPDMESG end"
+    echo HPREBOOT-NOW
+    reboot -f
+    sleep 30
+fi
+"""
+
+SMP2_HUGEPAGES = 16
+
+
+def _smp2_run() -> gm.GuestRun:
+    return gm.GuestRun(
+        "smp2",
+        ["--cpus", "boot=2", "--memory", "size=512M,hugepages=on",
+         "--disk", "path=$D/disk.img,id=main",
+         "--net", "tap=hpt1,mac=,ip=192.168.77.1,mask=255.255.255.0",
+         "--rng", "src=/dev/urandom", "--console", "tty"],
+        G_SMP2, G_MODULES, cmdline=f"hugepagesz=2M hugepages={SMP2_HUGEPAGES}",
+        pre=H_PRE, during=H_DURING, post=H_POST, stdin='"$D/in"', api=False)
+
+
+@pytest.fixture(scope="module")
+def smp2(h, kit, nested_dir):
+    return gm.run(h, kit, _smp2_run(), nested_dir)
+
+
+# The same G (the usage initramfs) on QEMU -accel kvm in the same H, with the same kinds of
+# devices behind QEMU's virtio-iommu: the peer whose kernel warnings G on hyperpy may share.
+QEMU_PEER_DURING = r"""
+for i in $(seq 200); do ip link show qtap0 >/dev/null 2>&1 && break; sleep 0.1; done
+ip addr add 192.168.77.1/24 dev qtap0; ip link set qtap0 up
+wait_serial HVC-WAIT 300 && echo "hvc-from-host-42" > "$D/hvcq.in"
+"""
+
+
+def _qemu_peer_run() -> gm.GuestRun:
+    vp = "disable-legacy=on,iommu_platform=on"
+    return gm.GuestRun(
+        "qemu-peer", ["-M", "q35", "-cpu", "host", "-smp", "2", "-m", "512",
+                  "-device", "virtio-iommu-pci",
+                  "-drive", "file=$D/disk.img,if=none,id=d0,format=raw",
+                  "-device", f"virtio-blk-pci,drive=d0,serial=main,{vp}",
+                  "-drive", "file=$D/disk2.img,if=none,id=d1,format=raw",
+                  "-device", "virtio-blk-pci,drive=d1,serial=plain,disable-legacy=on",
+                  "-netdev", "tap,id=n0,ifname=qtap0,script=no,downscript=no",
+                  "-device", f"virtio-net-pci,netdev=n0,{vp}",
+                  "-object", "rng-random,id=r0,filename=/dev/urandom",
+                  "-device", f"virtio-rng-pci,rng=r0,{vp}",
+                  "-device", f"virtio-serial-pci,{vp}",
+                  "-chardev", "pipe,id=c0,path=$D/hvcq", "-device", "virtconsole,chardev=c0"],
+        "LASTDISK=vdb\n" + G_DEVICES, G_MODULES, vmm="qemu",
+        pre=H_PRE + 'mkfifo "$D/hvcq.in" "$D/hvcq.out"\n', during=QEMU_PEER_DURING, post=H_POST)
+
+
+@pytest.fixture(scope="module")
+def qemu_peer(h, kit, nested_dir):
+    return gm.run(h, kit, _qemu_peer_run(), nested_dir)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +246,7 @@ def test_usage_net_empty_tap_and_mac_are_picked(usage):
     # `--net tap=,mac=`: hyperpy created a tap with a name of its own and gave G a locally
     # administered unicast MAC.
     log = usage.sections["vmm-log"]
-    m = re.search(r"tap (\S+)", log)
+    m = re.search(r"created tap (vmtap\d+)", log)
     assert m, log[-3000:]
     mac = re.search(r"HPMAC (\S+)", usage.serial)
     assert mac, usage.serial[-2000:]
@@ -196,3 +280,57 @@ def test_usage_counters_show_iommu_traffic(usage):
     iommu = next(v for k, v in c.items() if k.startswith("iommu"))
     assert iommu["maps"] > 100 and iommu["unmaps"] > 0, iommu
     assert c["blk0"]["write_bytes"] >= 2 << 20 and c["net0"]["tx_bytes"] >= 8 << 20, c
+
+
+def test_smp2_guest_sees_two_cpus_and_uses_every_device(smp2):
+    first = smp2.serial.split("HPREBOOT-NOW")[0]
+    assert "HPFACT boot first" in first and "HPFACT nproc 2" in first, smp2.explain()
+    for n in ("blk-write", "blk-pattern", "ext4-mount", "ext4-read", "ping", "bulk-send",
+              "hwrng", "hvc-out", "cpu0-runs", "cpu1-runs"):
+        assert smp2.checks.get(n), (n, smp2.explain())
+    assert not smp2.failed(), smp2.explain()
+    assert smp2.sections["disk-pattern"].strip() == smp2.facts["pattern-sha"]
+    assert "rc=0" in smp2.sections["e2fsck"]
+    sha, n = smp2.sections["sink"].split()
+    assert sha == smp2.facts["bulk-sha"] and int(n) == 8 << 20
+    assert smp2.facts["hvc-in"] == "hvc-from-host-42"
+    # MSI-X vectors without the IOMMU too; with 2 CPUs /proc/interrupts has two count columns.
+    fired = [m for m in re.findall(r"HPIRQ\s+\d+:\s+(\d+)\s+(\d+)\s+PCI-MSIX-\S+\s+\d+-edge\s+(\S+)", first)
+             if int(m[0]) + int(m[1]) > 0 and "config" not in m[2]]
+    assert any(name.startswith("virtio") and "req" in name for _, _, name in fired), first[-3000:]
+
+
+def test_smp2_guest_ram_on_host_huge_pages_and_huge_pages_in_guest(smp2):
+    assert smp2.facts["hugepages-total"] == str(SMP2_HUGEPAGES), smp2.facts
+    assert smp2.facts["hugepagesize"] == "2048"
+    assert smp2.checks.get("g-hugepage-use")
+    assert int(smp2.facts["hugepages-free"]) == SMP2_HUGEPAGES - 4
+    assert "on 2 MiB huge pages" in smp2.sections["vmm-log"] or "huge" in smp2.sections["vmm-log"], \
+        smp2.sections["vmm-log"][-2000:]
+
+
+def test_smp2_reboot_boots_again_and_power_off_ends_hyperpy(smp2):
+    # reboot -f: hyperpy rebuilt the VM and G booted a second time (as cloud-hypervisor does);
+    # the second boot's ACPI power-off ended hyperpy with status 0.
+    assert "HPREBOOT-NOW" in smp2.serial, smp2.explain()
+    second = smp2.serial.split("HPREBOOT-NOW", 1)[1]
+    assert "HPFACT boot second" in second and "HPFACT nproc 2" in second, smp2.explain()
+    assert "HPDONE" in second
+    assert smp2.sections["vmm-rc"].strip() == "0", smp2.explain()
+
+
+_NUM = re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{6,}\b|\d+")
+
+
+def _norm(line: str) -> str:
+    return _NUM.sub("N", line.strip())
+
+
+def test_clean_boots_warn_no_more_than_qemu_in_the_same_host(usage, smp2, qemu_peer):
+    """G's kernel messages at warn level or worse on hyperpy are ones QEMU -accel kvm
+    (-cpu host, q35, the same devices behind its virtio-iommu) also prints for the same G."""
+    assert "HPDONE" in qemu_peer.serial, qemu_peer.explain()
+    peer = {_norm(t) for t in qemu_peer.warnings()}
+    for o in (usage, smp2):
+        extra = [t for t in o.warnings() if _norm(t) not in peer]
+        assert not extra, (o.run.name, extra, sorted(peer))

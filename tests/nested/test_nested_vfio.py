@@ -1,0 +1,178 @@
+"""Real VFIO under hyperpy: an NVMe controller emulated by L0 QEMU, bound to vfio-pci in H,
+passed to G with ``--device path=/sys/bus/pci/devices/BDF[,iommu=on]``.
+
+* ``vfio-direct`` (no ``iommu=on``, guest RAM in a hugetlbfs file: ``file=/dev/hugepages``):
+  hyperpy maps all of G's RAM into the host container at start; G's own nvme driver writes a
+  pattern (O_DIRECT, then a flush) and reads it back; completions arrive on MSI-X vectors; the
+  test then finds the pattern in QEMU's backing file on this machine.
+* ``vfio-iommu`` (``iommu=on``, ``hugepages=on``): nothing is mapped until G's DMA API maps it
+  through the virtio-iommu; the same I/O; then the seed's nested VFIO: G unbinds the NVMe from
+  its nvme driver, binds it to its own vfio-pci and maps a 4 KiB-page buffer and a hugetlbfs
+  buffer with one VFIO_IOMMU_MAP_DMA each (tests/linux/vfio_map.c).  H reads hyperpy's counters
+  (API ``vm.counters``) around each map: guest MAP requests, host map calls, peak host entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+
+import guest as gm
+import nested_vfio as nv
+
+MiB = 1 << 20
+PATTERN_AT_MIB = 8          # where G writes its pattern on the NVMe namespace
+PATTERN_MIB = 2
+NV_MIB = 32                 # the nested-VFIO buffers
+
+
+G_NVME = r"""
+check nvme-present waitfor test -b /dev/nvme0n1
+NVME=$(basename $(readlink -f /sys/class/nvme/nvme0/device))
+fact nvme-bdf "$NVME"
+fact nvme-driver "$(basename $(readlink /sys/bus/pci/devices/$NVME/driver))"
+dd if=/dev/urandom of=/tmp/pat bs=64k count=@COUNT@ 2>/dev/null
+fact pattern-sha "$(sha256sum /tmp/pat | cut -d' ' -f1)"
+BEFORE=$(grep nvme0q /proc/interrupts | awk '{s += $2} END {print s + 0}')
+check nvme-write dd if=/tmp/pat of=/dev/nvme0n1 bs=64k seek=@SEEK@ oflag=direct conv=fsync
+check nvme-read dd if=/dev/nvme0n1 of=/tmp/back bs=64k skip=@SEEK@ count=@COUNT@ iflag=direct
+check nvme-pattern cmp /tmp/pat /tmp/back
+AFTER=$(grep nvme0q /proc/interrupts | awk '{s += $2} END {print s + 0}')
+fact nvme-irqs "$((AFTER - BEFORE))"
+grep nvme /proc/interrupts | sed 's/^/HPNVMEIRQ /'
+""".replace("@COUNT@", str(PATTERN_MIB * 16)).replace("@SEEK@", str(PATTERN_AT_MIB * 16))
+
+# G's nested VFIO: the NVMe from its nvme driver to its vfio-pci, then the helper's two maps.
+G_NESTED = r"""
+GROUP=$(basename "$(readlink /sys/bus/pci/devices/$NVME/iommu_group)")
+echo $NVME > /sys/bus/pci/devices/$NVME/driver/unbind
+echo vfio-pci > /sys/bus/pci/devices/$NVME/driver_override
+echo $NVME > /sys/bus/pci/drivers_probe
+check g-vfio-bound [ "$(basename "$(readlink /sys/bus/pci/devices/$NVME/driver)")" = vfio-pci ]
+check g-vfio-node test -c /dev/vfio/$GROUP
+echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
+mkdir -p /mnt/huge
+check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
+chmod 755 /vfio_map
+for mode in 4k huge; do
+    echo "NV ready $mode"; sleep 3
+    check map_$mode /vfio_map $GROUP @MIB@ $mode /mnt/huge
+    echo "NV end $mode"; sleep 3
+done
+""".replace("@MIB@", str(NV_MIB))
+
+H_COUNTERS_AROUND_MAPS = r"""
+for mode in 4k huge; do
+    wait_serial "NV ready $mode" 400 && { echo "=== counters-ready-$mode"; $REMOTE counters; }
+    wait_serial "NV end $mode" 400 && { echo "=== counters-end-$mode"; $REMOTE counters; }
+done
+"""
+
+
+def _nvme(h, i: int) -> str:
+    return h.facts["nvme"][i][0]
+
+
+def _vfio_counters(text: str) -> dict:
+    c = json.loads(text)
+    return next(v for k, v in c.items() if k.startswith("vfio"))
+
+
+@pytest.fixture(scope="module")
+def direct(h, kit, nested_dir):
+    r = gm.GuestRun(
+        "vfio-direct",
+        ["--cpus", "boot=1", "--memory", "size=512M,file=/dev/hugepages",
+         "--device", f"path=/sys/bus/pci/devices/{_nvme(h, 0)}"],
+        G_NVME, [])
+    return gm.run(h, kit, r, nested_dir)
+
+
+@pytest.fixture(scope="module")
+def iommu(h, kit, nested_dir):
+    helper = nv.build_helper(nested_dir)
+    r = gm.GuestRun(
+        "vfio-iommu",
+        ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
+         "--device", f"path=/sys/bus/pci/devices/{_nvme(h, 1)},iommu=on"],
+        G_NVME + G_NESTED, ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
+        files={"/vfio_map": helper}, cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
+        during=H_COUNTERS_AROUND_MAPS)
+    return gm.run(h, kit, r, nested_dir)
+
+
+def _io_ok(o: gm.Outcome) -> None:
+    assert "HPDONE" in o.serial, o.explain()
+    for n in ("nvme-present", "nvme-write", "nvme-read", "nvme-pattern"):
+        assert o.checks.get(n), (n, o.explain())
+    assert o.facts["nvme-driver"] == "nvme"
+
+
+def _backing_sha(h, index: int) -> str:
+    with open(h.nvme_images[index], "rb") as f:
+        f.seek(PATTERN_AT_MIB * MiB)
+        return hashlib.sha256(f.read(PATTERN_MIB * MiB)).hexdigest()
+
+
+def test_vfio_nvme_without_iommu_round_trips_data_to_the_backing_file(h, direct):
+    _io_ok(direct)
+    assert not direct.failed(), direct.explain()
+    # What G's nvme driver wrote through the passed-through controller is in L0 QEMU's file.
+    assert _backing_sha(h, 0) == direct.facts["pattern-sha"]
+
+
+def test_vfio_nvme_completes_on_msix(direct):
+    _io_ok(direct)
+    assert int(direct.facts["nvme-irqs"]) >= 2, direct.serial[-3000:]
+    assert re.search(r"HPNVMEIRQ .*PCI-MSIX-\S+\s+\d+-edge\s+nvme0q1", direct.serial), direct.serial[-3000:]
+
+
+def test_vfio_without_iommu_maps_all_ram_at_start(direct):
+    v = _vfio_counters(direct.sections["counters"])
+    assert v["simulated"] == 0, v
+    # All 512 MiB at start, one extent per RAM region (one here), and nothing more.
+    assert v["mapper_bytes_mapped"] == 512 * MiB, v
+    assert 1 <= v["map_calls"] <= 2 and v["entries"] == v["map_calls"], v
+    assert re.search(r"vfio-type1v2", direct.sections["vmm-log"]), direct.sections["vmm-log"][-3000:]
+
+
+def test_vfio_with_iommu_round_trips_through_iovas(h, iommu):
+    _io_ok(iommu)
+    assert _backing_sha(h, 1) == iommu.facts["pattern-sha"]
+    groups = iommu.groups()
+    bdf = iommu.facts["nvme-bdf"]
+    assert any(g["devices"] == [bdf] for g in groups.values()), groups
+
+
+def test_vfio_with_iommu_maps_only_what_the_dma_api_maps(iommu):
+    before = _vfio_counters(iommu.sections["counters-ready-4k"])
+    assert before["simulated"] == 0, before
+    # G's nvme driver mapped its queues and I/O buffers: far less than its 512 MiB of RAM,
+    # each guest MAP a real VFIO_IOMMU_MAP_DMA (batched into extents).
+    assert 0 < before["mapper_bytes_mapped"] < 64 * MiB, before
+    assert 0 < before["map_calls"] <= before["mapper_maps_requested"], before
+
+
+def test_nested_vfio_huge_pages_need_far_fewer_maps(iommu):
+    for n in ("g-vfio-bound", "g-vfio-node", "g-hugetlbfs", "map_4k", "map_huge"):
+        assert iommu.checks.get(n), (n, iommu.explain())
+    f = nv.parse(iommu.serial)
+    assert f["errors"] == [], f
+    rows = {}
+    for mode in ("4k", "huge"):
+        a = _vfio_counters(iommu.sections[f"counters-ready-{mode}"])
+        b = _vfio_counters(iommu.sections[f"counters-end-{mode}"])
+        rows[mode] = {
+            "guest_maps": b["mapper_maps_requested"] - a["mapper_maps_requested"],
+            "host_map_calls": b["map_calls"] - a["map_calls"],
+            "peak_entries": b["peak_entries"],
+            "map_us": f["maps"][mode]["map_us"],
+        }
+    print(f"\nnested VFIO in G on hyperpy in H, {NV_MIB} MiB: {rows}")
+    assert rows["4k"]["guest_maps"] >= 1 and rows["huge"]["guest_maps"] >= 1, rows
+    # 2 MiB pages: one MAP per 2 MiB page at most; 4 KiB pages: one per contiguous run.
+    assert rows["huge"]["guest_maps"] <= NV_MIB // 2 + 2, rows
+    assert rows["huge"]["host_map_calls"] <= rows["4k"]["host_map_calls"], rows
