@@ -25,7 +25,8 @@ pytestmark = pytest.mark.kvm
 
 
 def hyperpy(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M", *args],
+    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
+                        *args],
                        capture_output=True, timeout=timeout, cwd=tempfile.gettempdir())
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
@@ -134,7 +135,7 @@ def test_rng_and_console_same_facts_as_qemu(kvm, guests, tmp_path):
 @pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
 def test_net_frames_cross_the_tap(kvm, guests, irq):
     tap = f"hpt{os.getpid() % 10000}{int(irq)}"
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                              "--kernel", str(guests["virtio_net"]), "--cmdline", "irq" if irq else "",
                              "--net", f"tap={tap},mac={GUEST_MAC},ip=192.168.249.1,mask=255.255.255.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
@@ -205,7 +206,7 @@ def test_console_input_from_interactive_stdin(kvm, guests, tmp_path):
 
     serial = tmp_path / "serial.log"
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                              "--kernel", str(guests["virtio_console"]), "--cmdline", "rxwait=20000",
                              "--serial", f"file={serial}", "--console", "tty"],
                             stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
