@@ -135,6 +135,9 @@ API_SOCKET_HELP = ("Serve the cloud-hypervisor-compatible REST API on a Unix soc
                    "existing path is refused).  Without --kernel, start with no VM and wait for vm.create; "
                    "the process runs until vmm.shutdown.  See docs/api.md.  "
                    "Example: --api-socket path=/run/hyperpy.sock")
+NO_REBOOT_HELP = ("Exit instead of rebooting: a guest reset ends the VM like a power-off (exit status 0; "
+                  "with --api-socket the VM goes to Shutdown).  Without it a guest reset reboots the VM "
+                  "with the same configuration, as cloud-hypervisor does.  Spelled like QEMU's -no-reboot.")
 VERBOSE_HELP = "More log output: -v for INFO, -vv for DEBUG (default WARNING)."
 LOG_FILE_HELP = "Write the log to PATH instead of stderr.  Example: --log-file /tmp/hyperpy.log"
 
@@ -171,9 +174,11 @@ def _root(
 
 
 RUN_HELP = (
-    "Boot a VM and run it until the guest powers off or resets.\n\n"
-    "Exit status: 0 when the guest powers off or resets, non-zero on a triple fault or an "
-    "emulation failure, 2 for a configuration error, 130 when interrupted."
+    "Boot a VM and run it until the guest powers off; a guest reset reboots it (--no-reboot: "
+    "ends it).\n\n"
+    "Exit status: 0 when the guest powers off (or resets, with --no-reboot), non-zero on a "
+    "triple fault or an emulation failure, 2 for a configuration error, 130 when interrupted, "
+    "143 when terminated (SIGTERM)."
 )
 
 
@@ -202,6 +207,7 @@ def run(
                                               metavar="page_sizes=4K,2M,1G,...")] = None,
     device: Annotated[list[str] | None, typer.Option("--device", help=DEVICE_HELP,
                                                      metavar="path=...,iommu=on")] = None,
+    no_reboot: Annotated[bool, typer.Option("--no-reboot", help=NO_REBOOT_HELP)] = False,
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help=VERBOSE_HELP)] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help=LOG_FILE_HELP,
                                                   metavar="PATH", dir_okay=False)] = None,
@@ -218,14 +224,14 @@ def run(
             raise typer.Exit(run_command(api_socket, dict(
                 kernel=kernel, cpus=cpus, memory=memory, initramfs=initramfs, cmdline=cmdline,
                 serial=serial, console=console, disks=disk or (), nets=net or (), rng=rng,
-                iommu=iommu, devices=device or ())))
+                iommu=iommu, devices=device or ()), reboot=not no_reboot))
         cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
                               cmdline=cmdline, serial=serial, console=console,
                               disks=disk or (), nets=net or (), rng=rng, iommu=iommu,
                               devices=device or ())
         log.debug("configuration: %s", cfg)
         run_vm = _load_run_vm()
-        status = run_vm(cfg)
+        status = run_vm(cfg, reboot=not no_reboot)
     except HyperpyError as e:
         fail(e)
     except KeyboardInterrupt:

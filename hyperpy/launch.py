@@ -35,6 +35,7 @@ def _fast_parser(command: str):
     p.add_argument("--console", default="off")
     for opt in ("disk", "net", "device"):
         p.add_argument(f"--{opt}", action="append", default=[])
+    p.add_argument("--no-reboot", action="store_true")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--api-socket", required=True)
     return p
@@ -68,7 +69,7 @@ def fast_main(argv: list[str]) -> int | None:
         return run_command(ns.api_socket, dict(
             kernel=ns.kernel, cpus=ns.cpus, memory=ns.memory, initramfs=ns.initramfs,
             cmdline=ns.cmdline, serial=ns.serial, console=ns.console, disks=ns.disk, nets=ns.net,
-            rng=ns.rng, iommu=ns.iommu, devices=ns.device))
+            rng=ns.rng, iommu=ns.iommu, devices=ns.device), reboot=not ns.no_reboot)
     except HyperpyError as e:
         print(f"hyperpy: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -6,9 +6,10 @@ Data flows one way: config -> :class:`VmBuilder` (KVM objects, memory, devices, 
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import termios
@@ -29,44 +30,9 @@ from .irq import InterruptRouter
 from .memory import create_guest_memory
 from .memslots import MemorySlots
 from .vcpu_setup import setup_vcpu
+from .vmexit import EXIT_STATUS, ExitReason, VmExit  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class ExitReason(enum.Enum):
-    RESET = "guest reset"
-    POWEROFF = "guest power-off"
-    STOPPED = "stopped by the VMM"
-    INTERRUPTED = "interrupted (SIGINT)"
-    TERMINATED = "terminated (SIGTERM)"
-    HALTED = "all vCPUs halted"
-    TRIPLE_FAULT = "triple fault (KVM shutdown exit)"
-    CRASH = "guest crash (system event)"
-    EMULATION_FAILURE = "KVM emulation failure"
-    INTERNAL_ERROR = "KVM internal error"
-    FAIL_ENTRY = "KVM entry failure"
-    VMM_ERROR = "VMM error"
-
-
-# Process exit status of `hyperpy run` for each way a VM can end.  2 is kept for usage errors.
-EXIT_STATUS = {
-    ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.HALTED: 0,
-    ExitReason.INTERRUPTED: 130, ExitReason.TERMINATED: 143,
-    ExitReason.TRIPLE_FAULT: 1, ExitReason.CRASH: 1,
-    ExitReason.EMULATION_FAILURE: 3, ExitReason.INTERNAL_ERROR: 3, ExitReason.FAIL_ENTRY: 3,
-    ExitReason.VMM_ERROR: 3,
-}
-
-
-@dataclass(frozen=True)
-class VmExit:
-    reason: ExitReason
-    message: str = ""
-    vcpu: int | None = None
-
-    @property
-    def status(self) -> int:
-        return EXIT_STATUS[self.reason]
 
 
 @dataclass
@@ -78,16 +44,18 @@ class VmStats:
     vcpu_user_cpu_s: list[float] = field(default_factory=list)
 
 
-def _serial_fd(serial_cfg) -> tuple[int | None, bool]:
-    """(fd for guest output, whether hyperpy owns and must close it)."""
+def _serial_fd(serial_cfg, option: str = "--serial", append: bool = False) -> tuple[int | None, bool]:
+    """(fd for guest output, whether hyperpy owns and must close it).  A ``file=`` output is
+    truncated, or appended to with ``append`` (a rebooted VM continues the same file)."""
     mode = serial_cfg.mode
     if mode == "tty":
         return sys.stdout.fileno(), False
     if mode == "file":
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            return os.open(serial_cfg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), True
+            return os.open(serial_cfg.path, flags, 0o644), True
         except OSError as e:
-            raise ConfigError(f"--serial: cannot open {serial_cfg.path}: {e.strerror}",
+            raise ConfigError(f"{option}: cannot open {serial_cfg.path}: {e.strerror}",
                               "give a writable file path") from None
     return None, False
 
@@ -95,9 +63,11 @@ def _serial_fd(serial_cfg) -> tuple[int | None, bool]:
 class VirtualMachine:
     """A built VM.  Create with :func:`build_vm`; call :meth:`run` once."""
 
-    def __init__(self, config, *, run_loop: str = "cython") -> None:
+    def __init__(self, config, *, run_loop: str = "cython", append_output: bool = False) -> None:
         """``run_loop="python"`` runs the vCPUs with the pure-Python reference loop
-        (:mod:`hyperpy.reference.vcpu_loop`); it exists for benchmarks and tests."""
+        (:mod:`hyperpy.reference.vcpu_loop`); it exists for benchmarks and tests.
+        ``append_output`` appends to ``--serial``/``--console`` files instead of truncating them
+        (:mod:`hyperpy.reboot` builds a rebooted VM so)."""
         from ._fast.iobus import IoBus
         from ._fast.kvm import Kvm
         from ._fast.nulldev import NullDevice
@@ -106,6 +76,7 @@ class VirtualMachine:
             raise ValueError(f"run_loop must be 'cython' or 'python', not {run_loop!r}")
         self.config = config
         self.run_loop = run_loop
+        self.append_output = append_output
         self.start_wall = time.monotonic()
         self.start_cpu = time.process_time()
         self._result: VmExit | None = None
@@ -134,7 +105,7 @@ class VirtualMachine:
 
         self.pio_bus = IoBus("port I/O bus")
         self.mmio_bus = IoBus("MMIO bus")
-        out_fd, owned = _serial_fd(config.serial)
+        out_fd, owned = _serial_fd(config.serial, "--serial", append_output)
         if owned:
             self._owned_fds.append(out_fd)
         self.serial = Serial(out_fd, irq_trigger=self._serial_irq)
@@ -203,7 +174,7 @@ class VirtualMachine:
         if config.iommu is not None:
             self._add_iommu(config.iommu)
         if config.console.mode != "off":
-            fd, owned = _serial_fd(config.console)
+            fd, owned = _serial_fd(config.console, "--console", self.append_output)
             if owned:
                 self._owned_fds.append(fd)
             self.console = Console(fd)
@@ -499,7 +470,6 @@ class VirtualMachine:
         """Start every vCPU and wait until the VM ends."""
         self.loop.start()
         stdin_restore = self._start_console_input()
-        old_term = self._install_sigterm()
         for v in self.vcpus:
             t = threading.Thread(target=self._vcpu_main, args=(v,), name=f"vcpu{v.index}", daemon=True)
             self._threads.append(t)
@@ -515,8 +485,6 @@ class VirtualMachine:
                 t.join(timeout=5)
             if stdin_restore is not None:
                 stdin_restore()
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
             self.loop.stop()
             self._close_devices()
             for fd in self._owned_fds:
@@ -526,13 +494,6 @@ class VirtualMachine:
         assert result is not None
         log.info("VM ended: %s%s", result.reason.value, f" ({result.message})" if result.message else "")
         return result
-
-    def _install_sigterm(self):
-        """SIGTERM ends the VM like SIGINT (terminal restored, status 143), when we own main."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        return signal.signal(signal.SIGTERM,
-                             lambda *_: self.finish(VmExit(ExitReason.TERMINATED)))
 
     def _start_console_input(self):
         """Feed stdin to the ``tty`` console (the UART, else hvc0), as cloud-hypervisor does:
@@ -560,8 +521,12 @@ class VirtualMachine:
             restore = lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)  # noqa: E731
 
         def reader() -> None:
+            # Wait in select, not read: a thread blocked in read() would outlive this VM and
+            # swallow the first bytes typed for the next one (after a reboot).
             while not self._done.is_set():
                 try:
+                    if not select.select([fd], [], [], 0.2)[0] or self._done.is_set():
+                        continue
                     data = os.read(fd, 256)
                 except OSError:
                     return
@@ -590,14 +555,57 @@ def build_vm(config, **kwargs) -> VirtualMachine:
     return VirtualMachine(config, **kwargs)
 
 
-def run_vm(config) -> int:
-    """Build and run a VM; return the process exit status (0 for a guest reset/power-off)."""
-    vm = build_vm(config)
-    try:
-        result = vm.run()
-    finally:
-        vm.close()
+def run_vm(config, *, reboot: bool = True) -> int:
+    """``hyperpy run``: build and run a VM until it ends; a guest reset reboots it (the same
+    configuration, built again) unless ``reboot`` is false (``--no-reboot``).  SIGINT and SIGTERM
+    end it, also between two boots.  Returns the process exit status (0 for a power-off, and for
+    a reset with ``reboot=False``)."""
+    from .reboot import RebootingVm
+
+    session = RebootingVm(config, build_vm, reboot=reboot)
+    with _signals_stop(session):
+        result = session.run()
     if result.status != 0:
         print(f"hyperpy: VM stopped: {result.reason.value}"
               + (f": {result.message}" if result.message else ""), file=sys.stderr)
     return result.status
+
+
+@contextlib.contextmanager
+def _signals_stop(session):
+    """SIGINT and SIGTERM stop ``session`` (status 130 and 143), also between two boots, when we
+    own the main thread.  The handlers do nothing themselves: the signal's number arrives on a
+    wakeup pipe and a thread calls ``session.stop``, so no handler waits for a lock that the
+    main thread it interrupted holds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reasons = {int(signal.SIGINT): ExitReason.INTERRUPTED, int(signal.SIGTERM): ExitReason.TERMINATED}
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def waiter() -> None:
+        while True:
+            select.select([rfd], [], [])
+            try:
+                data = os.read(rfd, 64)
+            except BlockingIOError:
+                continue
+            if not data:          # the write end is closed: the run is over
+                return
+            for signum in data:
+                if signum in reasons:
+                    session.stop(VmExit(reasons[signum]))
+
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in reasons}
+    old_fd = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    thread = threading.Thread(target=waiter, name="signals", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        os.close(wfd)
+        thread.join(timeout=5)
+        os.close(rfd)

@@ -54,14 +54,23 @@ def guests(tmp_path_factory, guest_builder):
     return guest_builder.build_all(out)
 
 
+def hyperpy_command(*args: str, no_reboot: bool = True) -> list[str]:
+    """``python -m hyperpy ARGS...``; a ``run`` gets ``--no-reboot`` unless ``no_reboot`` is
+    false: the test guests say "done" with a reset, which would reboot them otherwise."""
+    if no_reboot and args and args[0] == "run":
+        args = ("run", "--no-reboot", *args[1:])
+    return [sys.executable, "-m", "hyperpy", *args]
+
+
 def run_hyperpy(*args: str, timeout: float = 120, input: bytes | None = None,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed `hyperpy` CLI (as `python -m hyperpy`) and capture its output."""
+                env: dict | None = None, no_reboot: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `hyperpy` CLI (as `python -m hyperpy`) and capture its output
+    (``no_reboot``: see :func:`hyperpy_command`)."""
     e = dict(os.environ)
     if env:
         e.update(env)
     # cwd outside the repository, so `-m hyperpy` imports the installed package.
-    return subprocess.run([sys.executable, "-m", "hyperpy", *args], capture_output=True,
+    return subprocess.run(hyperpy_command(*args, no_reboot=no_reboot), capture_output=True,
                           timeout=timeout, input=input, env=e, cwd=tempfile.gettempdir())
 
 

@@ -26,8 +26,9 @@ from hyperpy.vmm import ExitReason, VmExit
 class FakeVm:
     """Stands in for VirtualMachine: run() blocks until finish(); the power button powers off."""
 
-    def __init__(self, config, log: list) -> None:
+    def __init__(self, config, log: list, append_output: bool = False) -> None:
         self.config = config
+        self.append_output = append_output
         self.done = threading.Event()
         self.result = None
         self.paused = False
@@ -62,11 +63,18 @@ class FakeVm:
 
 
 class Api:
-    def __init__(self) -> None:
+    def __init__(self, reboot: bool = True, gate: threading.Event | None = None) -> None:
+        """``gate``: building a VM for a reboot waits for it (a slow rebuild)."""
         self.dir = tempfile.mkdtemp(prefix="hpapi", dir="/tmp")
         self.path = os.path.join(self.dir, "api.sock")
         self.vms: list[FakeVm] = []
-        self.controller = VmController(lambda cfg: FakeVm(cfg, self.vms))
+
+        def factory(cfg, **kw) -> FakeVm:
+            if gate is not None and self.vms:
+                gate.wait(5)
+            return FakeVm(cfg, self.vms, **kw)
+
+        self.controller = VmController(factory, reboot=reboot)
         self.vmm_shutdowns = threading.Event()
         self.http = UnixHttpServer(self.path, ApiServer(self.controller, self.vmm_shutdowns.set))
         self.http.start()
@@ -80,6 +88,13 @@ class Api:
 @pytest.fixture
 def api():
     a = Api()
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def api_no_reboot():
+    a = Api(reboot=False)
     yield a
     a.close()
 
@@ -136,6 +151,7 @@ def test_life_cycle_with_spec_checked_replies(api, kernel):
     checked(p, "PUT", "/vm.reboot", expect=204)          # torn down and rebuilt from the config
     assert len(api.vms) == 2 and api.vms[0].closed and api.vms[0].result.reason is ExitReason.STOPPED
     assert state(api) == "Running"
+    assert not api.vms[0].append_output and api.vms[1].append_output    # the reboot appends
 
     checked(p, "PUT", "/vm.power-button", expect=204)    # the stand-in powers off when pressed
     assert api.controller.wait_state("Shutdown", 5)
@@ -143,6 +159,7 @@ def test_life_cycle_with_spec_checked_replies(api, kernel):
     checked(p, "PUT", "/vm.shutdown", expect=405)
     checked(p, "PUT", "/vm.boot", expect=204)             # Shutdown -> Running again
     assert len(api.vms) == 3 and state(api) == "Running"
+    assert not api.vms[2].append_output                   # a boot starts the output afresh
     checked(p, "PUT", "/vm.shutdown", expect=204)
     assert state(api) == "Shutdown" and api.vms[2].closed
     checked(p, "PUT", "/vm.delete", expect=204)
@@ -155,8 +172,48 @@ def test_guest_reset_reboots_and_delete_stops(api, kernel):
     api.vms[0].finish(VmExit(ExitReason.RESET))           # the guest resets: a fresh VM, same config
     assert _wait(lambda: len(api.vms) == 2)
     assert state(api) == "Running" and api.vms[0].closed
+    assert api.vms[1].config is api.vms[0].config and api.vms[1].append_output
+    assert api.controller.vm is api.vms[1]
+    checked(api.path, "PUT", "/vm.pause", expect=204)       # the API drives the rebooted VM
+    assert api.vms[1].paused and not api.vms[0].paused
+    checked(api.path, "PUT", "/vm.resume", expect=204)
     checked(api.path, "PUT", "/vm.delete", expect=204)      # delete stops a running VM
     assert api.vms[1].closed and api.controller.state is None
+    assert len(api.vms) == 2
+
+
+def test_guest_reset_with_no_reboot_shuts_down(api_no_reboot, kernel):
+    api = api_no_reboot
+    checked(api.path, "PUT", "/vm.create", {"payload": {"kernel": kernel}}, expect=204)
+    checked(api.path, "PUT", "/vm.boot", expect=204)
+    api.vms[0].finish(VmExit(ExitReason.RESET))
+    assert api.controller.wait_state("Shutdown", 5)
+    assert len(api.vms) == 1 and api.vms[0].closed
+    assert api.controller.last_exit.reason is ExitReason.RESET
+    checked(api.path, "PUT", "/vm.boot", expect=204)             # and boots again on request
+    assert len(api.vms) == 2 and state(api) == "Running"
+
+
+def test_pause_during_a_guest_reboot_is_refused(kernel):
+    """While a guest reset rebuilds the VM there is none to pause: 405, then it runs again."""
+    gate = threading.Event()
+    api = Api(gate=gate)
+    try:
+        checked(api.path, "PUT", "/vm.create", {"payload": {"kernel": kernel}}, expect=204)
+        checked(api.path, "PUT", "/vm.boot", expect=204)
+        api.vms[0].finish(VmExit(ExitReason.RESET))
+        assert _wait(lambda: api.controller.vm is None)
+        _, reply = checked(api.path, "PUT", "/vm.pause", expect=405)
+        assert "rebooting" in reply
+        assert checked(api.path, "GET", "/vm.counters", expect=200)[1] == {}
+        gate.set()
+        assert _wait(lambda: api.controller.vm is not None)
+        assert state(api) == "Running" and len(api.vms) == 2
+        checked(api.path, "PUT", "/vm.pause", expect=204)
+        assert api.vms[1].paused
+    finally:
+        gate.set()
+        api.close()
 
 
 def test_bad_bodies_are_400_with_the_reason(api, kernel):

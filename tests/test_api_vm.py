@@ -71,11 +71,10 @@ def test_full_life_cycle_over_the_socket(kvm, guests, sockdir):
         checked(p, "PUT", "/vm.resume", expect=204)
         assert checked(p, "GET", "/vm.info", expect=200)[1]["state"] == "Running"
 
-        # Reboot: the VM is torn down and rebuilt from the same config; the new one rewrites
-        # the serial file, so the guest's banner reappears.
-        serial.unlink()
+        # Reboot: the VM is torn down and rebuilt from the same config; the new one appends to
+        # the serial file, so the guest's banner is there twice.
         checked(p, "PUT", "/vm.reboot", expect=204)
-        assert wait_for(lambda: serial_has(serial, "PWRBTN READY"), 60), vmm.stderr()
+        assert wait_for(lambda: serial.read_text().count("PWRBTN READY") == 2, 60), vmm.stderr()
         assert checked(p, "GET", "/vm.info", expect=200)[1]["state"] == "Running"
 
         # The power button reaches the guest as a GED interrupt with the power-button bit; the
@@ -85,8 +84,9 @@ def test_full_life_cycle_over_the_socket(kvm, guests, sockdir):
         assert wait_for(lambda: checked(p, "GET", "/vm.info")[1]["state"] == "Shutdown", 30)
         checked(p, "PUT", "/vm.shutdown", expect=405)
 
-        checked(p, "PUT", "/vm.boot", expect=204)             # Shutdown -> Running
+        checked(p, "PUT", "/vm.boot", expect=204)             # Shutdown -> Running, a new file
         assert wait_for(lambda: serial_has(serial, "PWRBTN READY"), 60)
+        assert "PWRBTN PRESSED" not in serial.read_text()
         checked(p, "PUT", "/vm.shutdown", expect=204)
         assert checked(p, "GET", "/vm.info", expect=200)[1]["state"] == "Shutdown"
         checked(p, "PUT", "/vm.delete", expect=204)
@@ -126,6 +126,27 @@ def test_started_with_a_vm_and_driven_by_remote(kvm, guests, sockdir):
         assert remote(sock, "info").returncode == 1
         assert remote(sock, "shutdown-vmm").returncode == 0
         assert vmm.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("no_reboot", [False, True], ids=["reboot", "no-reboot"])
+def test_guest_reset_over_the_api(kvm, guests, sockdir, no_reboot):
+    """A guest reset reboots the VM (Running, the serial file appended); with --no-reboot the
+    VM is Shutdown and the VMM keeps serving."""
+    sock, serial = sockdir / "api.sock", sockdir / "serial.log"
+    flags = ["--no-reboot"] if no_reboot else []
+    with ApiProcess(sock, *flags, "--kernel", str(guests["cmdline"]), "--cmdline", "api",
+                    "--memory", "size=64M", "--serial", f"file={serial}") as vmm:
+        vmm.wait_ready()
+        boots = lambda: serial.read_text().count("CMDLINE[api]") if serial.exists() else 0  # noqa: E731
+        if no_reboot:
+            assert wait_for(lambda: checked(str(sock), "GET", "/vm.info")[1]["state"] == "Shutdown", 60)
+            assert boots() == 1
+        else:
+            assert wait_for(lambda: boots() >= 3, 60), vmm.stderr()
+            assert checked(str(sock), "GET", "/vm.info", expect=200)[1]["state"] == "Running"
+        assert remote(sock, "shutdown-vmm").returncode == 0
+        assert vmm.proc.wait(30) == 0
+        assert "Traceback" not in vmm.stderr()
 
 
 def test_sigterm_stops_the_vm_and_removes_the_socket(kvm, guests, sockdir):

@@ -64,13 +64,16 @@ def fake_vmm(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[VmConfig], 
     def install(behaviour: Callable[[VmConfig], int]) -> list[VmConfig]:
         seen: list[VmConfig] = []
 
-        def run_vm(cfg: VmConfig) -> int:
+        def run_vm(cfg: VmConfig, *, reboot: bool = True) -> int:
             seen.append(cfg)
+            reboots.append(reboot)
             return behaviour(cfg)
 
         monkeypatch.setattr(vmm, "run_vm", run_vm, raising=False)
         return seen
 
+    reboots: list[bool] = []
+    install.reboots = reboots      # run_vm's reboot= argument, per call
     return install
 
 
@@ -109,13 +112,14 @@ def test_run_help_mentions_options(runner: CliRunner) -> None:
     assert result.exit_code == 0
     out = plain(result.output)
     for opt in ("--cpus", "--memory", "--kernel", "--initramfs", "--cmdline", "--serial",
-                "--console", "--verbose", "-v", "--log-file"):
+                "--console", "--no-reboot", "--verbose", "-v", "--log-file"):
         assert opt in out, opt
     assert "--cpus boot=2,features=[-popcnt]" in out
     assert "--memory size=1G" in out
     assert "builtin:hello" in out
     assert "file=PATH" in out
     assert "avx2" in out and "popcnt" in out and "sse4_2" in out     # feature list
+    assert "Exit instead of rebooting" in out
 
 
 def test_short_help_option(runner: CliRunner) -> None:
@@ -216,6 +220,22 @@ def test_config_passed_to_run_vm(runner: CliRunner, kernel: Path, fake_vmm) -> N
     assert cfg.console.mode == "off"
 
 
+@pytest.mark.parametrize("flags, reboot", [([], True), (["--no-reboot"], False)])
+def test_no_reboot_reaches_run_vm(runner: CliRunner, kernel: Path, fake_vmm, flags: list[str],
+                                  reboot: bool) -> None:
+    fake_vmm(lambda cfg: 0)
+    result = runner.invoke(app, ["run", "--kernel", str(kernel), *flags])
+    assert result.exit_code == 0, result.output
+    assert fake_vmm.reboots == [reboot]
+
+
+def test_no_reboot_takes_no_value(runner: CliRunner, kernel: Path, fake_vmm) -> None:
+    seen = fake_vmm(lambda cfg: 0)
+    result = runner.invoke(app, ["run", "--kernel", str(kernel), "--no-reboot=on"])
+    assert result.exit_code == 2 and seen == []
+    assert "--no-reboot" in error_line(result)
+
+
 @pytest.mark.parametrize("status", [0, 1, 3])
 def test_exit_status_propagated(runner: CliRunner, kernel: Path, fake_vmm, status: int) -> None:
     fake_vmm(lambda cfg: status)
@@ -303,3 +323,18 @@ def test_python_dash_m(kernel: Path) -> None:
 
 def test_main_is_callable() -> None:
     assert callable(cli.main)
+
+
+@pytest.mark.parametrize("flags, reboot", [([], True), (["--no-reboot"], False)])
+def test_api_socket_paths_take_no_reboot(runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+                                         flags: list[str], reboot: bool) -> None:
+    """Both parsers of `run --api-socket` (the argparse fast path and typer) hand --no-reboot on."""
+    from hyperpy import launch
+    import hyperpy.api.service as service
+
+    calls: list[dict] = []
+    monkeypatch.setattr(service, "run_command", lambda sock, opts, **kw: calls.append(kw) or 0)
+    argv = ["run", "--api-socket", "path=/tmp/hp-none.sock", *flags]
+    assert launch.fast_main(argv) == 0
+    assert runner.invoke(app, argv).exit_code == 0
+    assert calls == [{"reboot": reboot}] * 2

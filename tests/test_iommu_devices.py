@@ -22,7 +22,8 @@ pytestmark = pytest.mark.kvm
 
 
 def hyperpy(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=256M", *args],
+    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=256M",
+                        *args],
                        capture_output=True, timeout=timeout, cwd=tempfile.gettempdir())
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 

@@ -253,7 +253,7 @@ def test_dma_needs_bus_mastering_and_a_mapping(passthrough):
 
 
 def _run(guest, *args):
-    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=256M",
+    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=256M",
                         "--kernel", str(guest), *args, "-v"],
                        capture_output=True, timeout=120, cwd=tempfile.gettempdir())
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.kvm
 
 
 def hyperpy(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M", *args],
+    p = subprocess.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
+                        *args],
                        capture_output=True, timeout=timeout, cwd=tempfile.gettempdir())
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
@@ -135,7 +136,7 @@ def test_rng_and_console_same_facts_as_qemu(kvm, guests, tmp_path):
 # every frame stay there.
 
 def _net_vm(ns, kernel: Path, cmdline: str, net: str, *extra: str) -> subprocess.Popen:
-    return ns.popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    return ns.popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                      "--kernel", str(kernel), "--cmdline", cmdline, "--net", net, *extra],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
 
@@ -198,7 +199,7 @@ def test_net_generated_taps_never_take_an_existing_name(kvm, netns):
     """The seed's ``--net tap=,mac=,iommu=on``, twice: with a vmtap0 already there, the kernel
     names hyperpy's taps vmtap1 and vmtap2 and the existing one is left alone."""
     netns.ip("tuntap", "add", "dev", "vmtap0", "mode", "tap")
-    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                    "--kernel", "builtin:hello", "--net", "tap=,mac=,iommu=on", "--net", "mac=",
                    "--console", "off", "-v"],
                   check=False, timeout=120, cwd=tempfile.gettempdir(), errors="replace")
@@ -216,7 +217,7 @@ def test_all_devices_together_from_the_cli(kvm, tmp_path, netns):
     img = tmp_path / "x.img"
     img.write_bytes(b"\0" * (1 << 20))
     tap = f"hpa{os.getpid() % 10000}"
-    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    p = netns.run([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                    "--kernel", "builtin:hello", "--disk", f"path={img}", "--net", f"tap={tap}",
                    "--rng", "src=/dev/urandom", "--console", "off", "-v"],
                   check=False, timeout=120, cwd=tempfile.gettempdir(), errors="replace")
@@ -254,7 +255,7 @@ def test_console_input_from_interactive_stdin(kvm, guests, tmp_path):
 
     serial = tmp_path / "serial.log"
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--memory", "size=128M",
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot", "--memory", "size=128M",
                              "--kernel", str(guests["virtio_console"]), "--cmdline", "rxwait=20000",
                              "--serial", f"file={serial}", "--console", "tty"],
                             stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())

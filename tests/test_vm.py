@@ -62,8 +62,10 @@ def test_ram_above_the_32bit_hole_is_reported(kvm, hyperpy_cli, guests):
     assert 3199 <= ram <= 3200
 
 
-def test_triple_fault_exits_nonzero_with_cpu_state(kvm, hyperpy_cli, guests):
-    p = hyperpy_cli("run", "--kernel", str(guests["triplefault"]))
+@pytest.mark.parametrize("no_reboot", [True, False], ids=["no-reboot", "reboot"])
+def test_triple_fault_exits_nonzero_with_cpu_state(kvm, hyperpy_cli, guests, no_reboot):
+    # Not a reset: a triple fault ends hyperpy whether or not resets reboot.
+    p = hyperpy_cli("run", "--kernel", str(guests["triplefault"]), no_reboot=no_reboot)
     assert p.returncode == 1
     assert "about to triple fault" in _out(p)
     err = _err(p)
@@ -94,6 +96,95 @@ def test_smp_boot(kvm, hyperpy_cli, cpus):
     p = hyperpy_cli("run", "--kernel", "builtin:hello", "--cpus", f"boot={cpus}")
     assert p.returncode == 0, _err(p)
     assert "Hello from hyperpy guest" in _out(p)
+
+
+# --- guest reboots -----------------------------------------------------------------------------
+
+def test_builtin_hello_ends_without_flags(kvm, hyperpy_cli):
+    """The default guest powers off (ACPI S5), so a plain `hyperpy run` of it ends by itself."""
+    p = hyperpy_cli("run", "--kernel", "builtin:hello", "--memory", "size=64M", "-v", no_reboot=False)
+    assert p.returncode == 0, _err(p)
+    assert _out(p) == "Hello from hyperpy guest\ncmdline: \n"
+    assert "VM ended: guest power-off" in _err(p) and "rebooting" not in _err(p)
+
+
+def test_no_reboot_exits_on_a_guest_reset(kvm, hyperpy_cli, guests):
+    p = hyperpy_cli("run", "--no-reboot", "--kernel", str(guests["cmdline"]), "--memory", "size=64M",
+                    "-v", no_reboot=False)
+    assert p.returncode == 0, _err(p)
+    assert _out(p).count("CMDLINE[") == 1
+    assert "VM ended: guest reset" in _err(p) and "rebooting" not in _err(p)
+
+
+def _wait_for(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def _text(path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _start_rebooting(guest, *args):
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import hyperpy_command
+
+    return subprocess.Popen(hyperpy_command("run", "--kernel", str(guest), "--memory", "size=64M",
+                                            *args, "-v", no_reboot=False),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            cwd=tempfile.gettempdir())
+
+
+@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_guest_reset_reboots_until_a_signal(kvm, guests, tmp_path, sig, status):
+    """Without --no-reboot a reset boots the guest again in the same process with the same
+    configuration, and each boot appends to the serial file; the process stays until a signal
+    ends it cleanly, wherever in the boot-reset-rebuild cycle the signal lands."""
+    import signal
+
+    serial = tmp_path / "serial.log"
+    serial.write_text("before\n")
+    proc = _start_rebooting(guests["cmdline"], "--cmdline", "boot a=b", "--serial", f"file={serial}")
+    boots = lambda: serial.read_text().count("CMDLINE[boot a=b]")  # noqa: E731
+    try:
+        assert _wait_for(lambda: boots() >= 3 or proc.poll() is not None, 120)
+        assert proc.poll() is None, proc.stderr.read().decode()   # still running after 3 boots
+    finally:
+        proc.send_signal(getattr(signal, sig))
+        rc = proc.wait(timeout=30)
+    err = proc.stderr.read().decode(errors="replace")
+    assert rc == status, err
+    assert f"hyperpy: VM stopped: {'terminated (SIGTERM)' if status == 143 else 'interrupted (SIGINT)'}" in err
+    assert "Traceback" not in err
+    assert "guest reset: rebooting the VM (boot 2)" in err and "(boot 3)" in err
+    text = serial.read_text()
+    # The first boot truncated the file; every boot's complete output follows the one before.
+    assert not text.startswith("before")
+    lines = text.splitlines()
+    done = len(lines) // 2 * 2
+    assert lines[:done] == ["CMDLINE[boot a=b]", "RAM 63 MiB"] * (done // 2), text[-500:]
+    assert done // 2 >= 3
+
+
+def test_console_file_is_appended_on_reboot(kvm, guests, tmp_path):
+    serial, console = tmp_path / "serial.log", tmp_path / "hvc0.log"
+    proc = _start_rebooting(guests["virtio_console"], "--serial", f"file={serial}",
+                            "--console", f"file={console}")
+    try:
+        assert _wait_for(lambda: _text(serial).count("CONSOLE done") >= 2 or proc.poll() is not None, 120)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    finally:
+        proc.terminate()
+        rc = proc.wait(timeout=30)
+    assert rc == 143
+    assert console.read_text().count("hello from virtio-console\n") >= 2
 
 
 # --- serial port ------------------------------------------------------------------------------
@@ -129,7 +220,8 @@ def test_serial_input_from_interactive_stdin(kvm, guests):
     import tempfile
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--kernel", str(guests["echo"])],
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot",
+                             "--kernel", str(guests["echo"])],
                             stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     os.close(slave)
     seen = b""
@@ -386,9 +478,9 @@ def test_sigterm_stops_the_vm_cleanly(kvm, guests):
     import sys
     import tempfile
 
-    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--kernel", str(guests["exits"]),
-                             "--cmdline", "count=100000000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot",
+                             "--kernel", str(guests["exits"]), "--cmdline", "count=100000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=30)

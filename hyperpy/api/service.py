@@ -2,7 +2,8 @@
 
 The main thread only waits: the HTTP server has its own threads, the VM runs in the
 controller's thread.  The process ends on ``vmm.shutdown`` (status 0), SIGINT (130) or SIGTERM
-(143); the VM is stopped and the socket unlinked on the way out.
+(143); the VM is stopped and the socket unlinked on the way out.  A guest reset reboots the VM
+(``--no-reboot``: shuts it down); the process stays either way.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def parse_api_socket(value: str) -> str:
     return path
 
 
-def serve(socket_path: str, config=None, *, ready=None) -> int:
+def serve(socket_path: str, config=None, *, ready=None, reboot: bool = True) -> int:
     """Serve the API on ``socket_path``; with ``config`` create and boot that VM at once.
+    ``reboot=False`` (``--no-reboot``): a guest reset shuts the VM down instead of rebooting it.
     Returns the process exit status."""
     from .controller import VmController
     from .http import UnixHttpServer
@@ -52,7 +54,7 @@ def serve(socket_path: str, config=None, *, ready=None) -> int:
         status[0] = 130 if signum == signal.SIGINT else 143
         stop.set()
 
-    controller = VmController()
+    controller = VmController(reboot=reboot)
     http = UnixHttpServer(socket_path, ApiServer(controller, on_vmm_shutdown=stop.set))
     old = {}
     if threading.current_thread() is threading.main_thread():
@@ -84,9 +86,9 @@ VM_OPTION_FLAGS = {"cpus": "--cpus", "memory": "--memory", "initramfs": "--initr
                    "iommu": "--iommu", "devices": "--device"}
 
 
-def run_command(api_socket: str, vm_options: dict) -> int:
+def run_command(api_socket: str, vm_options: dict, *, reboot: bool = True) -> int:
     """``hyperpy run --api-socket ...``: with ``--kernel`` boot that VM at once, without any VM
-    option start empty and wait for ``vm.create``."""
+    option start empty and wait for ``vm.create``.  ``reboot``: as for :func:`serve`."""
     path = parse_api_socket(api_socket)
     config = None
     if vm_options.get("kernel") is not None:
@@ -98,4 +100,4 @@ def run_command(api_socket: str, vm_options: dict) -> int:
         if given:
             raise ConfigError(f"--kernel is required with {given[0]} "
                               "(or give no VM options and send vm.create to the API socket)")
-    return serve(path, config)
+    return serve(path, config, reboot=reboot)

@@ -94,8 +94,18 @@ void print_hex(uint64_t v);   /* "0x" and lowercase hex digits */
 #define BOOT_TIMER_MAGIC 123
 #define POST_PORT 0x80
 
+/* hyperpy's hardware-reduced ACPI sleep-control register (FADT SLEEP_CONTROL_REG, an I/O port):
+ * SLP_TYP << 2 | SLP_EN; SLP_TYP 5 is \_S5_ (power off). */
+#define HYPERPY_SLEEP_CONTROL_PORT 0x600
+#define HYPERPY_SLP_EN 0x20
+#define HYPERPY_S5_SLP_TYP 5
+
 void boot_timer(void);          /* writes 123 to port 0x3f0 (the VMM's boot-time marker) */
 __attribute__((noreturn)) void reset(void); /* i8042 pulse reset (0xfe to 0x64), then cli;hlt */
+/* Power off through hyperpy's sleep-control register without reading the ACPI tables; where
+ * that port is something else (QEMU q35: the PM1 status register, write-1-to-clear) nothing
+ * happens and it resets instead, so the guest ends under QEMU's -no-reboot too. */
+__attribute__((noreturn)) void poweroff_or_reset(void);
 __attribute__((noreturn)) void halt_forever(void);
 
 /* ---- Strings and the command line ---- */

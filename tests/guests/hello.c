@@ -1,4 +1,5 @@
-/* The built-in default guest: greets, echoes its command line, marks the boot time, resets. */
+/* The built-in default guest: greets, echoes its command line, marks the boot time, powers off
+ * (so that `hyperpy run --kernel builtin:hello` ends although a reset reboots), else resets. */
 #include "guest.h"
 
 void guest_main(const struct boot_info *bi)
@@ -7,5 +8,5 @@ void guest_main(const struct boot_info *bi)
     print("cmdline: ");
     puts(bi->cmdline);
     boot_timer();
-    reset();
+    poweroff_or_reset();
 }

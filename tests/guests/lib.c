@@ -66,6 +66,12 @@ void reset(void)
     halt_forever();
 }
 
+void poweroff_or_reset(void)
+{
+    outb(HYPERPY_SLEEP_CONTROL_PORT, HYPERPY_S5_SLP_TYP << 2 | HYPERPY_SLP_EN);
+    reset();
+}
+
 /* ---- Strings (also what gcc may call for struct copies) ---- */
 
 size_t strlen(const char *s)
