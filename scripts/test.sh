@@ -19,6 +19,12 @@ command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
 command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
 command -v depmod >/dev/null || [ -x /sbin/depmod ] || need_apt+=(kmod)
 command -v zstd >/dev/null || need_apt+=(zstd)
+# The nested tier (tests/nested/) runs this machine's own tools inside its L1 host: virtiofsd
+# (qemu-system-common), curl for the API, ip for taps, python3 for a TCP sink.
+[ -x /usr/lib/qemu/virtiofsd ] || command -v virtiofsd >/dev/null || need_apt+=(qemu-system-common)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v ip >/dev/null || need_apt+=(iproute2)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
 # The nested-VFIO helper (tests/linux/vfio_map.c) is linked static against glibc and <linux/vfio.h>.
 [ -n "$(ls /usr/lib/*/libc.a 2>/dev/null)" ] && [ -e /usr/include/linux/vfio.h ] || need_apt+=(libc6-dev linux-libc-dev)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null; then

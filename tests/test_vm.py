@@ -245,6 +245,33 @@ def test_serial_input_from_interactive_stdin(kvm, guests):
     assert b"hi there \r\nECHO DONE" in seen.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), seen
 
 
+def test_serial_input_from_a_pipe(kvm, guests):
+    """``--serial tty`` reads stdin when it is a pipe too (as cloud-hypervisor does), so a
+    script can type into the guest; the pipe's end stops the feed, not the VM."""
+    import subprocess
+    import sys
+    import tempfile
+
+    proc = subprocess.Popen([sys.executable, "-m", "hyperpy", "run", "--no-reboot",
+                             "--kernel", str(guests["echo"])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tempfile.gettempdir())
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"ECHO READY" not in seen and time.monotonic() < deadline:
+            seen += os.read(proc.stdout.fileno(), 1024)
+        proc.stdin.write(b"piped in q")
+        proc.stdin.close()
+        seen += proc.stdout.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert b"piped in \nECHO DONE" in seen.replace(b"\r\n", b"\n"), seen
+
+
 # --- the run loop: fast C dispatch, Python fallback, reference loop --------------------------
 
 @pytest.mark.parametrize("run_loop", ["cython", "python"])

@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
+import sys
 
 import pytest
 
@@ -28,8 +28,10 @@ G_MODULES = ["virtio_blk", "virtio_net", "virtio_iommu", "virtio_rng"]
 # 64 MiB, a pattern at 128 MiB), eth0 talks to H's tap at 192.168.77.1, H listens on 5001.
 G_DEVICES = r"""
 check blk-present waitfor test -b /dev/${LASTDISK:-vda}
-check net-present waitfor ip link show eth0
-echo "HPMAC $(cat /sys/class/net/eth0/address)"
+check net-present waitfor test -e /sys/class/net/${LASTNET:-eth0}
+# The net with the address is the first one hyperpy plugged (lowest BDF), whatever its name.
+NET=$(for n in /sys/class/net/eth*; do echo "$(basename $(readlink -f $n/device/..)) ${n##*/}"; done | sort | head -1 | cut -d' ' -f2)
+for n in /sys/class/net/eth*; do echo "HPMAC ${n##*/} $(cat $n/address)"; done
 check rng-present waitfor grep -q virtio /sys/class/misc/hw_random/rng_current
 for b in /sys/block/vd*; do
     fact "disk-$(cat $b/serial)" "$(basename $(readlink -f $b/device/..))"
@@ -49,8 +51,8 @@ check ext4-umount umount /mnt
 check ext4-remount mount -t ext4 -o ro $VDA /mnt
 check ext4-read cmp /tmp/pat /mnt/big
 umount /mnt
-ip addr add 192.168.77.2/24 dev eth0
-ip link set eth0 up
+ip addr add 192.168.77.2/24 dev $NET
+ip link set $NET up
 check ping waitfor ping -c 1 -W 2 192.168.77.1
 dd if=/dev/urandom of=/tmp/bulk bs=64k count=128 2>/dev/null
 fact bulk-sha "$(sha256sum /tmp/bulk | cut -d' ' -f1)"
@@ -106,9 +108,10 @@ def _usage_run() -> gm.GuestRun:
          "--disk", "path=$D/disk.img,iommu=on,id=main",
          "--disk", "path=$D/disk2.img,id=plain",
          "--net", "tap=,mac=,ip=192.168.77.1,mask=255.255.255.0,iommu=on",
+         "--net", "tap=,mac=,iommu=on",
          "--rng", "src=/dev/urandom,iommu=on",
          "--console", "tty,iommu=on"],
-        "LASTDISK=vdb\n" + G_DEVICES, G_MODULES, pre=H_PRE, during=H_DURING, post=H_POST,
+        "LASTDISK=vdb LASTNET=eth1\n" + G_DEVICES, G_MODULES, pre=H_PRE, during=H_DURING, post=H_POST,
         stdin='"$D/in"')
 
 
@@ -126,7 +129,6 @@ else
     fact hugepagesize "$(awk '/^Hugepagesize/ {print $2}' /proc/meminfo)"
     mkdir -p /mnt/huge
     check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
-    check g-hugepage-use dd if=/dev/zero of=/mnt/huge/f bs=2M count=4
     fact hugepages-free "$(awk '/^HugePages_Free/ {print $2}' /proc/meminfo)"
     for c in 0 1; do check cpu$c-runs taskset $((1 << c)) true; done
     printf HPREBOOT | dd of=$VDA bs=4096 seek=51200 conv=fsync 2>/dev/null
@@ -179,11 +181,13 @@ def _qemu_peer_run() -> gm.GuestRun:
                   "-device", "virtio-blk-pci,drive=d1,serial=plain,disable-legacy=on",
                   "-netdev", "tap,id=n0,ifname=qtap0,script=no,downscript=no",
                   "-device", f"virtio-net-pci,netdev=n0,{vp}",
+                  "-netdev", "tap,id=n1,ifname=qtap1,script=no,downscript=no",
+                  "-device", f"virtio-net-pci,netdev=n1,{vp}",
                   "-object", "rng-random,id=r0,filename=/dev/urandom",
                   "-device", f"virtio-rng-pci,rng=r0,{vp}",
                   "-device", f"virtio-serial-pci,{vp}",
                   "-chardev", "pipe,id=c0,path=$D/hvcq", "-device", "virtconsole,chardev=c0"],
-        "LASTDISK=vdb\n" + G_DEVICES, G_MODULES, vmm="qemu",
+        "LASTDISK=vdb LASTNET=eth1\n" + G_DEVICES, G_MODULES, vmm="qemu",
         pre=H_PRE + 'mkfifo "$D/hvcq.in" "$D/hvcq.out"\n', during=QEMU_PEER_DURING, post=H_POST)
 
 
@@ -216,7 +220,7 @@ def test_usage_guest_finds_the_iommu_and_one_group_per_endpoint(usage):
     # exactly its BDF; the second disk (no iommu=on) and the IOMMU itself are in none.
     main, plain = usage.facts["disk-main"], usage.facts["disk-plain"]
     endpoints = [main] + [d["bdf"] for k in ("net", "rng", "console") for d in kinds[k]]
-    assert len(endpoints) == 4, pci
+    assert len(endpoints) == 5, pci
     by_bdf = {d["bdf"]: d for d in pci}
     for bdf in endpoints:
         g = by_bdf[bdf]["group"]
@@ -224,7 +228,7 @@ def test_usage_guest_finds_the_iommu_and_one_group_per_endpoint(usage):
         assert groups[g]["devices"] == [bdf], groups
     assert by_bdf[plain]["group"] == "-", pci
     assert by_bdf[kinds["iommu"][0]["bdf"]]["group"] == "-", pci
-    assert len(groups) == 4, groups
+    assert len(groups) == 5, groups
     assert all(g["type"].startswith("DMA") for g in groups.values()), groups
 
 
@@ -246,12 +250,13 @@ def test_usage_net_empty_tap_and_mac_are_picked(usage):
     # `--net tap=,mac=`: hyperpy created a tap with a name of its own and gave G a locally
     # administered unicast MAC.
     log = usage.sections["vmm-log"]
-    m = re.search(r"created tap (vmtap\d+)", log)
-    assert m, log[-3000:]
-    mac = re.search(r"HPMAC (\S+)", usage.serial)
-    assert mac, usage.serial[-2000:]
-    first = int(mac.group(1).split(":")[0], 16)
-    assert first & 0x02 and not first & 0x01, mac.group(1)
+    taps = re.findall(r"created tap (vmtap\d+)", log)
+    assert len(set(taps)) == 2, log[-3000:]
+    macs = dict(re.findall(r"HPMAC (eth\d) (\S+)", usage.serial))
+    assert set(macs) == {"eth0", "eth1"} and macs["eth0"] != macs["eth1"], usage.serial[-2000:]
+    for mac in macs.values():
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01, mac
 
 
 def test_usage_virtio_rng(usage):
@@ -303,9 +308,9 @@ def test_smp2_guest_sees_two_cpus_and_uses_every_device(smp2):
 def test_smp2_guest_ram_on_host_huge_pages_and_huge_pages_in_guest(smp2):
     assert smp2.facts["hugepages-total"] == str(SMP2_HUGEPAGES), smp2.facts
     assert smp2.facts["hugepagesize"] == "2048"
-    assert smp2.checks.get("g-hugepage-use")
-    assert int(smp2.facts["hugepages-free"]) == SMP2_HUGEPAGES - 4
-    assert "on 2 MiB huge pages" in smp2.sections["vmm-log"] or "huge" in smp2.sections["vmm-log"], \
+    assert smp2.checks.get("g-hugetlbfs")
+    assert int(smp2.facts["hugepages-free"]) == SMP2_HUGEPAGES
+    assert "512 MiB in 1 region(s) on huge pages" in smp2.sections["vmm-log"], \
         smp2.sections["vmm-log"][-2000:]
 
 
@@ -334,3 +339,14 @@ def test_clean_boots_warn_no_more_than_qemu_in_the_same_host(usage, smp2, qemu_p
     for o in (usage, smp2):
         extra = [t for t in o.warnings() if _norm(t) not in peer]
         assert not extra, (o.run.name, extra, sorted(peer))
+
+
+def test_memory_file_off_hugetlbfs_warns_in_h(h):
+    """``--memory file=DIR`` on a directory that is not hugetlbfs boots, with one warning that
+    guest RAM is not on huge pages; on H's /dev/hugepages there is none."""
+    py = sys.executable
+    for d, warned in (("/dev/shm", True), ("/dev/hugepages", False)):
+        r = h.sh(f"cd /run/tmp && {py} -m hyperpy run --no-reboot --kernel builtin:hello "
+                 f"--memory size=64M,file={d} 2>&1; echo rc=$?", timeout=180)
+        assert "rc=0" in r.out and "Hello from hyperpy" in r.out, r.out
+        assert ("not hugetlbfs" in r.out) == warned, (d, r.out)
