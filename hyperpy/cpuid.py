@@ -30,8 +30,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ._fast.kvm import CPUID_FLAG_SIGNIFCANT_INDEX as KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 from .errors import ConfigError
+
+
+def _significant_index() -> int:
+    """KVM_CPUID_FLAG_SIGNIFCANT_INDEX from <asm/kvm.h>, imported when first needed: parsing
+    options (``hyperpy version``, ``--cpus features``) must not need the compiled layer."""
+    from ._fast.kvm import CPUID_FLAG_SIGNIFCANT_INDEX
+    return CPUID_FLAG_SIGNIFCANT_INDEX
+
+
+def __getattr__(name: str) -> int:
+    if name == "KVM_CPUID_FLAG_SIGNIFCANT_INDEX":
+        return _significant_index()
+    raise AttributeError(name)
 
 Register = Literal["eax", "ebx", "ecx", "edx"]
 
@@ -117,7 +129,7 @@ class CpuidEntry:
         """Whether CPUID(function, index) returns this entry (index only counts when flagged)."""
         if self.function != function:
             return False
-        return not (self.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX) or self.index == index
+        return not (self.flags & _significant_index()) or self.index == index
 
 
 def _bits(leaf: int, subleaf: int, reg: Register, names: dict[str, int]) -> dict[str, FeatureBit]:
@@ -250,7 +262,7 @@ def _leaf4(entry: CpuidEntry, nr_vcpus: int) -> CpuidEntry:
 
 def topology_entries(function: int, vcpu_id: int, nr_vcpus: int) -> list[CpuidEntry]:
     """Leaf 0xB or 0x1F: SMT level (1 thread/core), core level (nr_vcpus cores), terminator."""
-    flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    flags = _significant_index()
     return [
         CpuidEntry(function, 0, flags, eax=0, ebx=1, ecx=(LEVEL_TYPE_SMT << 8) | 0, edx=vcpu_id),
         CpuidEntry(function, 1, flags, eax=ceil_log2(nr_vcpus), ebx=nr_vcpus,
@@ -332,7 +344,7 @@ def xsave_entries(entries: Sequence[CpuidEntry], hidden: Iterable[str] = ()) -> 
     0xD.0 entry the leaf 0xD entries of ``entries`` are returned unchanged.
     """
     hidden = {name.lower() for name in hidden}
-    sig = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    sig = _significant_index()
     sub: dict[int, CpuidEntry] = {}
     for e in entries:
         if e.function == LEAF_XSAVE:
