@@ -157,6 +157,31 @@ cdef inline int _ioctl_check(int fd, unsigned long req, void *arg, str what) exc
     return r
 
 
+
+cdef list _read_cpuid2(int fd, unsigned long request, int n, str what):
+    """A struct kvm_cpuid2 read by ``request`` on ``fd``: the buffer grows while KVM says E2BIG;
+    the entries as (function, index, flags, eax, ebx, ecx, edx) tuples."""
+    cdef kvm_cpuid2 *c
+    cdef int r, e, i
+    while True:
+        c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
+        if c == NULL:
+            raise MemoryError()
+        c.nent = n
+        r = ioctl(fd, request, c)
+        e = errno
+        if r < 0:
+            free(c)
+            if e == E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise KvmError(f"{what} failed: {os.strerror(e)}")
+        out = [(c.entries[i].function, c.entries[i].index, c.entries[i].flags,
+                c.entries[i].eax, c.entries[i].ebx, c.entries[i].ecx, c.entries[i].edx)
+               for i in range(c.nent)]
+        free(c)
+        return out
+
 cdef class Kvm:
     """An open /dev/kvm."""
 
@@ -205,27 +230,7 @@ cdef class Kvm:
 
     def supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID as a list of (function, index, flags, eax, ebx, ecx, edx)."""
-        cdef int n = 128
-        cdef kvm_cpuid2 *c
-        cdef int r, e, i
-        while True:
-            c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
-            if c == NULL:
-                raise MemoryError()
-            c.nent = n
-            r = ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, c)
-            e = errno
-            if r < 0:
-                free(c)
-                if e == E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {os.strerror(e)}")
-            out = [(c.entries[i].function, c.entries[i].index, c.entries[i].flags,
-                    c.entries[i].eax, c.entries[i].ebx, c.entries[i].ecx, c.entries[i].edx)
-                   for i in range(c.nent)]
-            free(c)
-            return out
+        return _read_cpuid2(self.fd, KVM_GET_SUPPORTED_CPUID, 128, "KVM_GET_SUPPORTED_CPUID")
 
     def create_vm(self):
         cdef int fd = ioctl(self.fd, KVM_CREATE_VM, 0)
@@ -544,27 +549,7 @@ cdef class Vcpu:
         """KVM_GET_CPUID2: the table KVM holds for this vCPU (with the fields KVM maintains at
         run time, e.g. leaf 0xD.0 EBX for the current XCR0), as (function, index, flags, eax,
         ebx, ecx, edx) tuples."""
-        cdef int n = 64
-        cdef kvm_cpuid2 *c
-        cdef int r, e, i
-        while True:
-            c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
-            if c == NULL:
-                raise MemoryError()
-            c.nent = n
-            r = ioctl(self.fd, KVM_GET_CPUID2, c)
-            e = errno
-            if r < 0:
-                free(c)
-                if e == E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError(f"KVM_GET_CPUID2 (vCPU {self.index}) failed: {os.strerror(e)}")
-            out = [(c.entries[i].function, c.entries[i].index, c.entries[i].flags,
-                    c.entries[i].eax, c.entries[i].ebx, c.entries[i].ecx, c.entries[i].edx)
-                   for i in range(c.nent)]
-            free(c)
-            return out
+        return _read_cpuid2(self.fd, KVM_GET_CPUID2, 64, f"KVM_GET_CPUID2 (vCPU {self.index})")
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from (index, value) pairs; every one must be accepted."""
