@@ -145,6 +145,7 @@ class L1Host:
             raise HostError("the nested tier needs qemu-system-x86_64 and virtiofsd "
                             "(apt-get install qemu-system-x86)")
         t0 = time.monotonic()
+        self.buf = b""
         for img in self.nvme_images:
             with open(img, "wb") as f:
                 f.truncate(self.nvme_mb << 20)
@@ -198,6 +199,9 @@ class L1Host:
             self.chan.settimeout(min(left, 1.0))
             try:
                 chunk = self.chan.recv(65536)
+            except ConnectionError as e:
+                raise HostError(f"H's command channel broke ({e}); H console:\n"
+                                f"{self.console()[-3000:]}") from None
             except socket.timeout:
                 if self.procs[-1].poll() is not None:
                     raise HostError(f"L0 QEMU exited {self.procs[-1].returncode}; H console:\n"
@@ -218,7 +222,10 @@ class L1Host:
         assert self.chan is not None, "H is not started"
         tok = secrets.token_hex(6)
         t0 = time.monotonic()
-        self.chan.sendall(f"{tok} {command}\n".encode())
+        try:
+            self.chan.sendall(f"{tok} {command}\n".encode())
+        except OSError as e:
+            raise HostError(f"H's command channel broke ({e})") from None
         raw = self._read_until(f"HPEND-{tok} ".encode(), timeout)
         tail = self._read_until(b"\n", 10)
         text = raw.decode(errors="replace")
