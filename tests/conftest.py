@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from testutil import load_module
+from testutil import kvm_problem, load_module, run_hyperpy
 
 TESTS = Path(__file__).resolve().parent
 GUEST_SRC = TESTS / "guests"
@@ -22,14 +20,6 @@ GUEST_SRC = TESTS / "guests"
 
 def _load_guest_builder():
     return load_module("hyperpy_test_guest_build", GUEST_SRC / "build.py")
-
-
-def kvm_problem() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is missing"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible (run as root or join the kvm group)"
-    return None
 
 
 @pytest.fixture
@@ -52,26 +42,6 @@ def guests(tmp_path_factory, guest_builder):
     """Build every test guest once per session: {name: Path}."""
     out = tmp_path_factory.mktemp("guests")
     return guest_builder.build_all(out)
-
-
-def hyperpy_command(*args: str, no_reboot: bool = True) -> list[str]:
-    """``python -m hyperpy ARGS...``; a ``run`` gets ``--no-reboot`` unless ``no_reboot`` is
-    false: the test guests say "done" with a reset, which would reboot them otherwise."""
-    if no_reboot and args and args[0] == "run":
-        args = ("run", "--no-reboot", *args[1:])
-    return [sys.executable, "-m", "hyperpy", *args]
-
-
-def run_hyperpy(*args: str, timeout: float = 120, input: bytes | None = None,
-                env: dict | None = None, no_reboot: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed `hyperpy` CLI (as `python -m hyperpy`) and capture its output
-    (``no_reboot``: see :func:`hyperpy_command`)."""
-    e = dict(os.environ)
-    if env:
-        e.update(env)
-    # cwd outside the repository, so `-m hyperpy` imports the installed package.
-    return subprocess.run(hyperpy_command(*args, no_reboot=no_reboot), capture_output=True,
-                          timeout=timeout, input=input, env=e, cwd=tempfile.gettempdir())
 
 
 @pytest.fixture

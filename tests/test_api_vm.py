@@ -172,7 +172,7 @@ def test_existing_socket_path_is_refused(kvm, sockdir, hyperpy_cli):
 
 @pytest.fixture(scope="module")
 def running_vmm(tmp_path_factory, guests):
-    from conftest import kvm_problem
+    from testutil import kvm_problem
 
     if kvm_problem():
         yield None

@@ -134,7 +134,7 @@ def _start_rebooting(guest, *args):
     import sys
     import tempfile
 
-    from conftest import hyperpy_command
+    from testutil import hyperpy_command
 
     return subprocess.Popen(hyperpy_command("run", "--kernel", str(guest), "--memory", "size=64M",
                                             *args, "-v", no_reboot=False),

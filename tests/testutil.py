@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -14,6 +18,34 @@ def load_module(name: str, path: Path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def kvm_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is missing"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible (run as root or join the kvm group)"
+    return None
+
+
+def hyperpy_command(*args: str, no_reboot: bool = True) -> list[str]:
+    """``python -m hyperpy ARGS...``; a ``run`` gets ``--no-reboot`` unless ``no_reboot`` is
+    false: the test guests say "done" with a reset, which would reboot them otherwise."""
+    if no_reboot and args and args[0] == "run":
+        args = ("run", "--no-reboot", *args[1:])
+    return [sys.executable, "-m", "hyperpy", *args]
+
+
+def run_hyperpy(*args: str, timeout: float = 120, input: bytes | None = None,
+                env: dict | None = None, no_reboot: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `hyperpy` CLI (as `python -m hyperpy`) and capture its output
+    (``no_reboot``: see :func:`hyperpy_command`)."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    # cwd outside the repository, so `-m hyperpy` imports the installed package.
+    return subprocess.run(hyperpy_command(*args, no_reboot=no_reboot), capture_output=True,
+                          timeout=timeout, input=input, env=e, cwd=tempfile.gettempdir())
 
 
 class ByteCursor:
