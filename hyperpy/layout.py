@@ -68,7 +68,8 @@ PCI_MMIO64_SIZE = 64 * GiB
 # 0xE0000-0xFFFFF scan also finds.
 ACPI_RSDP_START = 0xE0000
 ACPI_TABLES_START = 0xE0100
-ACPI_TABLES_END = 0x100000
+ACPI_TABLES_END = 0xFFFF0        # the BIOS reset vector's 16 bytes follow (boot/reset_vector.py)
+RESET_VECTOR_START = 0xFFFF0     # F000:FFF0, where a real-mode far jump "to the BIOS" lands
 # Hardware-reduced ACPI power management registers (I/O ports), described in the FADT.
 ACPI_SLEEP_CONTROL_PORT = 0x600   # write SLP_TYPx << 2 | SLP_EN (bit 5): S5 = power off
 ACPI_SLEEP_STATUS_PORT = 0x601

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import layout
 from .boot import BootInfo, load_kernel
+from .boot.reset_vector import install_reset_vector
 from .devices.legacy.boot_timer import BootTime, BootTimer
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.serial import Serial
@@ -121,6 +122,7 @@ class VirtualMachine:
         self._build_device_model(config)
 
         rsdp = self._install_acpi(config)
+        install_reset_vector(self.memory)     # firmware-less Linux reboots through it
 
         payload = config.payload
         self.boot: BootInfo = load_kernel(self.memory, Path(payload.kernel), payload.cmdline or "",

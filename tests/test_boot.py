@@ -771,3 +771,22 @@ def test_fuzz_never_crashes(tmp_path, bp, kind):
             assert info.protocol in ("pvh", "linux64", "bzimage")
             ok += 1
     assert ok > 0
+
+
+def test_reset_vector_writes_the_fadt_reset_register():
+    """F000:FFF0 holds `mov al, RESET_VALUE; mov dx, RESET_PORT; out dx, al; hlt; jmp hlt`,
+    the reset a firmware-less Linux restart lands on (the KVM test runs it)."""
+    from hyperpy.boot.reset_vector import RESET_VECTOR_SIZE, install_reset_vector, reset_vector_code
+
+    code = reset_vector_code()
+    assert len(code) == RESET_VECTOR_SIZE
+    assert code[:6] == bytes([0xB0, layout.ACPI_RESET_VALUE, 0xBA]) + struct.pack(
+        "<H", layout.ACPI_RESET_PORT) + b"\xee"
+    assert code[6:9] == b"\xf4\xeb\xfd"          # 1: hlt; jmp 1b
+    assert layout.ACPI_TABLES_END <= layout.RESET_VECTOR_START
+    assert layout.RESET_VECTOR_START + RESET_VECTOR_SIZE == layout.HIGH_RAM_START
+    mem = FakeMemory(4 * MiB)
+    install_reset_vector(mem)
+    assert mem.writes == [(layout.RESET_VECTOR_START, RESET_VECTOR_SIZE)]
+    with pytest.raises(BootError, match="reset vector"):
+        install_reset_vector(FakeMemory(512 * 1024))

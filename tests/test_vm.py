@@ -116,6 +116,29 @@ def test_no_reboot_exits_on_a_guest_reset(kvm, hyperpy_cli, guests):
     assert "VM ended: guest reset" in _err(p) and "rebooting" not in _err(p)
 
 
+def test_a_real_mode_jump_to_the_bios_reset_vector_is_a_guest_reset(kvm, guests):
+    """Linux without firmware reboots by dropping to real mode and far-jumping to F000:FFF0
+    (its BIOS method, after the EFI one did nothing): what hyperpy puts there resets the VM."""
+    from hyperpy.vmm import ExitReason, build_vm
+
+    vm = build_vm(_config(guests["hello"]))
+    try:
+        def seg(sel, kind):
+            return {"base": sel << 4, "limit": 0xFFFF, "selector": sel, "type": kind,
+                    "present": 1, "dpl": 0, "db": 0, "s": 1, "l": 0, "g": 0, "unusable": 0}
+
+        data = seg(0, 3)
+        vm.vcpus[0].set_sregs({"cs": seg(0xF000, 0xB), "ds": data, "es": data, "fs": data,
+                               "gs": data, "ss": data, "cr0": 0x60000010, "cr3": 0, "cr4": 0,
+                               "efer": 0, "idt": {"base": 0, "limit": 0x3FF}})
+        vm.vcpus[0].set_regs({"rip": 0xFFF0, "rflags": 0x2, "rsp": 0x7000})
+        result = vm.run()
+    finally:
+        vm.close()
+    assert result.reason is ExitReason.RESET, result
+    assert vm.acpi_pm.resets == 1 and vm.i8042.resets == 0
+
+
 def _wait_for(pred, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -194,8 +194,11 @@ def run(h: L1Host, kit: linuxkit.Kit, r: GuestRun, out_dir: Path) -> Outcome:
     except HostError as e:
         # H itself died (docs/testing.md: a rare oops of H's kernel under L0's multi-threaded
         # TCG).  Said loudly; H is booted again and this G runs once more.
-        print(f"\nWARNING: the L1 host died during {r.name}, rebooting it: {str(e)[-500:]}")
         h.close()
+        oops = "\n".join(ln for ln in h.console().splitlines()
+                         if re.search(r"BUG|Oops|RIP:|panic|kvm|\] [ ?]*\w+\+0x", ln))
+        print(f"\nWARNING: the L1 host died during {r.name}, rebooting it: {str(e)[-300:]}\n"
+              f"H's console (the oops):\n{oops[-3000:]}")
         h.start()
         res = h.script(f"g-{r.name}", h_script(kit, r, initrd), timeout=r.timeout + 120)
     (out_dir / f"g-{r.name}.out").write_text(res.out)

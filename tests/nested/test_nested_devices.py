@@ -9,6 +9,8 @@
 * ``smp2``: 2 vCPUs, no IOMMU, guest RAM on huge pages in H (``hugepages=on``), huge pages in G
   (``hugepagesz=2M hugepages=N``), the same device checks, and an ACPI power-off that ends
   hyperpy with status 0.
+* ``reboot``: 2 vCPUs, G's ``reboot -f``: hyperpy boots the same configuration again in the same
+  process (as cloud-hypervisor does), G comes up a second time and powers off, status 0.
 """
 
 from __future__ import annotations
@@ -150,6 +152,30 @@ def smp2(h, kit, nested_dir):
               f"{o.sections['vmm-out'].strip()[-300:]}")
         o = gm.run(h, kit, _smp2_run(), nested_dir)
     return o
+
+
+# reboot: the first boot marks the disk and runs busybox's `reboot -f` (Linux's own restart path:
+# on a hardware-reduced ACPI platform without EFI it ends at the BIOS reset vector); the second
+# boot finds the mark and goes on to the epilogue and the power-off.
+G_REBOOT = r"""
+waitfor test -b /dev/vda
+if [ "$(dd if=/dev/vda bs=8 count=1 2>/dev/null)" = REBOOTED ]; then
+    fact second-boot-id "$(cat /proc/sys/kernel/random/boot_id)"
+else
+    fact first-boot-id "$(cat /proc/sys/kernel/random/boot_id)"
+    printf REBOOTED | dd of=/dev/vda conv=fsync 2>/dev/null
+    reboot -f
+    sleep 600
+fi
+"""
+
+
+@pytest.fixture(scope="module")
+def reboot(h, kit, nested_dir):
+    return gm.run(h, kit, gm.GuestRun(
+        "reboot", ["--cpus", "boot=2", "--memory", "size=256M", "--disk", "path=$D/flag.img"],
+        G_REBOOT, ["virtio_blk"], pre='truncate -s 1M "$D/flag.img"', api=False, timeout=420),
+        nested_dir)
 
 
 # The same G (the usage initramfs) on QEMU -accel kvm in the same H, with the same kinds of
@@ -316,6 +342,17 @@ def test_smp2_acpi_power_off_ends_hyperpy_with_status_0(smp2):
     assert "HPDONE" in smp2.serial, smp2.explain()
     assert "reboot: Power down" in smp2.serial
     assert smp2.sections["vmm-rc"].strip() == "0", smp2.explain()
+
+
+def test_reboot_f_in_g_boots_it_again_in_the_same_process(reboot):
+    o = reboot
+    assert "reboot: Restarting system" in o.serial, o.explain()
+    first, second = o.facts.get("first-boot-id"), o.facts.get("second-boot-id")
+    assert first and second and first != second, o.facts
+    assert re.findall(r"HPFACT nproc (\d+)", o.serial) == ["2", "2"], o.serial[-3000:]
+    assert "guest reset: rebooting the VM (boot 2)" in o.sections["vmm-log"], o.explain()
+    assert "HPDONE" in o.serial and "reboot: Power down" in o.serial, o.explain()
+    assert o.sections["vmm-rc"].strip() == "0", o.explain()
 
 
 _NUM = re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{6,}\b|\d+")
