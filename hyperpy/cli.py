@@ -22,7 +22,7 @@ except ImportError:  # older typer on top of click
     from click import ClickException as _CommandLineError
 
 from . import __version__
-from .config import build_vm_config
+from .launch import run_options
 from .cpuid import mask_names
 from .errors import ConfigError, HyperpyError
 from .vhost_user.cli import app as vhost_user_app
@@ -218,36 +218,15 @@ def run(
     the status it returns."""
     try:
         setup_logging(verbose, log_file)
-        if api_socket is not None:
-            from .api.service import run_command
-
-            raise typer.Exit(run_command(api_socket, dict(
-                kernel=kernel, cpus=cpus, memory=memory, initramfs=initramfs, cmdline=cmdline,
-                serial=serial, console=console, disks=disk or (), nets=net or (), rng=rng,
-                iommu=iommu, devices=device or ()), reboot=not no_reboot))
-        cfg = build_vm_config(cpus=cpus, memory=memory, kernel=kernel, initramfs=initramfs,
-                              cmdline=cmdline, serial=serial, console=console,
-                              disks=disk or (), nets=net or (), rng=rng, iommu=iommu,
-                              devices=device or ())
-        log.debug("configuration: %s", cfg)
-        run_vm = _load_run_vm()
-        status = run_vm(cfg, reboot=not no_reboot)
+        status = run_options(dict(
+            kernel=kernel, cpus=cpus, memory=memory, initramfs=initramfs, cmdline=cmdline,
+            serial=serial, console=console, disks=disk or (), nets=net or (), rng=rng,
+            iommu=iommu, devices=device or ()), api_socket=api_socket, reboot=not no_reboot)
     except HyperpyError as e:
         fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(int(status or 0))
-
-
-def _load_run_vm() -> Any:
-    try:
-        from .vmm import run_vm
-    except ImportError as e:
-        if not (e.name or "").startswith("hyperpy"):
-            raise
-        raise HyperpyError(f"cannot load the VMM ({e})",
-                           "build the Cython extensions, e.g. pip install -e .") from None
-    return run_vm
 
 
 REMOTE_HELP = (

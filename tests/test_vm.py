@@ -100,6 +100,23 @@ def test_smp_boot(kvm, hyperpy_cli, cpus):
 
 # --- guest reboots -----------------------------------------------------------------------------
 
+def test_plain_run_boots_without_typer_or_pydantic(kvm):
+    """`hyperpy run` without --api-socket takes the argparse fast path too (hyperpy/launch.py):
+    the command line's framework stays off the boot path."""
+    import subprocess
+    import sys
+    import tempfile
+
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "hyperpy", "run", "--kernel",
+                        "builtin:hello", "--memory", "size=64M"], capture_output=True, timeout=120,
+                       cwd=tempfile.gettempdir())
+    assert p.returncode == 0 and "Hello from hyperpy guest" in _out(p), _err(p)
+    imported = {ln.split("|")[-1].strip() for ln in _err(p).splitlines() if "|" in ln}
+    assert "hyperpy.vmm" in imported
+    for heavy in ("typer", "rich", "click", "pydantic", "hyperpy.cli"):
+        assert heavy not in imported, heavy
+
+
 def test_builtin_hello_ends_without_flags(kvm, hyperpy_cli):
     """The default guest powers off (ACPI S5), so a plain `hyperpy run` of it ends by itself."""
     p = hyperpy_cli("run", "--kernel", "builtin:hello", "--memory", "size=64M", "-v", no_reboot=False)
