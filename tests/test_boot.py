@@ -84,7 +84,7 @@ class FakeMemory:
         return page
 
     def write(self, gpa: int, data: bytes) -> None:
-        assert isinstance(data, (bytes, bytearray)), type(data)
+        assert isinstance(data, (bytes, bytearray, memoryview)), type(data)
         self._check(gpa, len(data))
         self.writes.append((gpa, len(data)))
         pos = 0

@@ -180,8 +180,9 @@ def write_elf_segments(mem, data: bytes, elf) -> None:
 
     Call :func:`check_elf_segments` first.
     """
+    view = memoryview(data)         # segments go straight from the file's bytes, no copy
     for p in elf.loads:
         if p.filesz:
-            mem.write(p.paddr, bytes(data[p.offset:p.offset + p.filesz]))
+            mem.write(p.paddr, view[p.offset:p.offset + p.filesz])
         if p.memsz > p.filesz:
             write_zeros(mem, p.paddr + p.filesz, p.memsz - p.filesz)
