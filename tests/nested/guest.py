@@ -183,6 +183,9 @@ echo "=== vmm-out"; tail -c 20000 "$D/vmm.out"
 echo "=== vmm-log"; tail -c 20000 "$D/vmm.log" 2>/dev/null
 echo "=== serial"; cat "$D/serial.log" 2>/dev/null
 echo "=== end"
+# Whatever this run left in the background (a TCP sink G never reached) goes with it, so the
+# next run finds its port free.
+kill $(jobs -p) 2>/dev/null
 rm -rf "$D"
 """
 
