@@ -108,6 +108,33 @@ def test_host_entry_limit_reaches_the_guest_as_nomem(kvm, guests, batching):
     assert "No space left on device" in err or batching == "off"
 
 
+def test_host_refusals_are_faults_for_the_guest_and_one_error_line(kvm, guests, caplog):
+    """Linux's driver never reads a queued MAP's status: a MAP the host refused is also a fault
+    record on the event queue (which the driver logs), counted in vm.counters, and the VMM's log
+    says it once, with the fixes, however many MAPs the host refuses."""
+    import logging
+
+    from hyperpy.config import build_vm_config
+    from hyperpy.vmm import build_vm
+
+    cfg = build_vm_config(cpus="boot=1", memory="size=256M", kernel=str(guests["iommu_map"]),
+                          initramfs=None, cmdline="ep=0x10 mode=contig mib=8", serial="off",
+                          console="off",
+                          devices=["path=sim:l2,iommu=on,pci_device_id=2,entry_limit=4,batching=on"])
+    caplog.set_level(logging.DEBUG, logger="hyperpy")
+    vm = build_vm(cfg)
+    try:
+        device = next(d.device for d in vm.virtio if d.device.name == "iommu")
+        vm.run()
+        iommu = device.counters()
+    finally:
+        vm.close()
+    assert iommu["host_refused_maps"] > 1 and iommu["faults"] >= 1, iommu
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "host DMA" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "dma_entry_limit" in errors[0].getMessage() and "huge pages" in errors[0].getMessage()
+
+
 def test_huge_runs_stay_under_a_small_entry_limit(kvm, guests):
     rc, out, err = hyperpy("--kernel", str(guests["iommu_map"]),
                            "--device", "path=sim:l2,iommu=on,pci_device_id=2,entry_limit=4",

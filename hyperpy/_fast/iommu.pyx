@@ -998,6 +998,27 @@ cdef class VirtioIommuCore:
                     bad += 1
         return bad
 
+    def record_refused_map_py(self, uint32_t domain, uint64_t address):
+        """Report a MAP the host refused (past its DMA entry limit) as a fault record, reason
+        MAPPING at ``address``, from the first endpoint attached to ``domain``: Linux's driver
+        never reads the status of a MAP it queued, but it logs every fault it is sent.  False
+        when no endpoint is attached to that domain."""
+        cdef size_t i
+        cdef bint found = False
+        cdef void *d
+        with nogil:
+            pthread_mutex_lock(&self._lock)
+            for i in range(self._n_eps):
+                d = self._eps[i].domain
+                if d != NULL and (<IommuDomain>d).id == domain:
+                    self._record_fault(VIRTIO_IOMMU_FAULT_R_MAPPING,
+                                       VIRTIO_IOMMU_FAULT_F_ADDRESS | VIRTIO_IOMMU_FAULT_F_READ
+                                       | VIRTIO_IOMMU_FAULT_F_WRITE, self._eps[i].id, address)
+                    found = True
+                    break
+            pthread_mutex_unlock(&self._lock)
+        return found
+
     def pop_fault_py(self):
         """The oldest pending fault as a dict, or None."""
         cdef virtio_iommu_fault f

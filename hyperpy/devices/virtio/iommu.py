@@ -46,11 +46,13 @@ class Iommu(VirtioDevice):
         super().__init__([queue_size, queue_size], core.offered, core.config_bytes())
         self.core = core
         self.worker = RequestQueueWorker()
+        self.host_refused_maps = 0       # MAPs answered NOMEM because the host refused them
 
     def counters(self) -> dict[str, int]:
         c = self.core
         out = {"requests": c.requests, "maps": c.maps, "unmaps": c.unmaps,
-               "unanswered_requests": c.unwritten}
+               "unanswered_requests": c.unwritten, "host_refused_maps": self.host_refused_maps,
+               "faults": c.faults}
         out.update({f"status_{k.lower()}": v for k, v in c.status_counts.items()})
         return out
 
@@ -79,15 +81,35 @@ class Iommu(VirtioDevice):
             # a MAP the host refused (e.g. past dma_entry_limit) is reported, not only logged.
             done, broken, rc, maps = self.worker.gather(q, self.core)
             if rc < 0:
-                log.error("virtio-iommu: host DMA mapping failed: %s", os.strerror(-rc))
-                for index, domain, start, end in maps:
-                    status = self._recheck_map(domain, start, end, rc)
-                    if status is not None:
-                        self.worker.set_status(index, status)
+                self._host_refused(rc, maps)
             if self.worker.complete(q):
                 ctx.signal_used(REQUEST)
             if done == 0 or broken:
                 return
+
+    def _host_refused(self, rc: int, maps: list) -> None:
+        """A host flush failed: every MAP of the round whose range did not reach the host is
+        answered NOMEM (or DEVERR) and, since Linux's driver does not read the status of a MAP
+        it queued, also reported as a fault on the event queue.  One ERROR line the first time,
+        with the fixes; the rest are counted (``vm.counters``: host_refused_maps, faults)."""
+        refused = 0
+        for index, domain, start, end in maps:
+            status = self._recheck_map(domain, start, end, rc)
+            if status is not None:
+                self.worker.set_status(index, status)
+                self.core.record_refused_map_py(domain, start)
+                refused += 1
+        first = self.host_refused_maps == 0
+        self.host_refused_maps += refused
+        if first:
+            log.error("virtio-iommu: host DMA mapping failed: %s; %d guest MAP(s) refused (NOMEM "
+                      "and a fault event to the guest). Fixes: back the guest's DMA buffers with "
+                      "huge pages, or raise the host's vfio_iommu_type1 dma_entry_limit; later "
+                      "refusals are counted in vm.counters (iommu host_refused_maps)",
+                      os.strerror(-rc), refused)
+        else:
+            log.debug("virtio-iommu: host DMA mapping failed again: %s (%d MAPs refused so far)",
+                      os.strerror(-rc), self.host_refused_maps)
 
     def _recheck_map(self, domain: int, start: int, end: int, rc: int) -> int | None:
         """After a failed host flush: the status for a MAP whose range did not reach the host
