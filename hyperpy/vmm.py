@@ -205,7 +205,8 @@ class VirtualMachine:
             # An unknown request type gets UNSUPP in its tail (QEMU does the same): a driver that
             # reads the tail of a zero-length completion would see a stale status otherwise.
             unsupp_unknown_type=True)
-        self.iommu_slot = self._plug(Iommu(self.iommu_core), cfg.pci_device_id)
+        self.iommu_device = Iommu(self.iommu_core)
+        self.iommu_slot = self._plug(self.iommu_device, cfg.pci_device_id)
 
     def _domain_listener(self, domain: int, endpoint: int | None = None):
         """The host DMA listener of a new IOMMU domain: a VFIO endpoint's mapper, else none."""
@@ -236,6 +237,7 @@ class VirtualMachine:
         if dev.iommu:
             # Nothing is mapped until the guest MAPs through the vIOMMU.
             self.vfio_mappers[endpoint] = mapper
+            self.iommu_device.watch_host_limit(dev.path, container)
             self.iommu_core.add_endpoint(endpoint)
             self.iommu_endpoints.append(endpoint)
         else:

@@ -133,6 +133,11 @@ def test_host_refusals_are_faults_for_the_guest_and_one_error_line(kvm, guests, 
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "host DMA" in r.getMessage()]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "dma_entry_limit" in errors[0].getMessage() and "huge pages" in errors[0].getMessage()
+    # Before the first refusal: one early warning naming the device, the limit and the fixes.
+    early = [r.getMessage() for r in caplog.records if "DMA mappings the host allows" in r.getMessage()]
+    assert len(early) == 1 and "sim:l2" in early[0] and "4 DMA mappings" in early[0], early
+    assert caplog.records.index(next(r for r in caplog.records if "host allows" in r.getMessage())) \
+        < caplog.records.index(errors[0])
 
 
 def test_huge_runs_stay_under_a_small_entry_limit(kvm, guests):

@@ -606,3 +606,20 @@ def test_real_container_reports_errno_from_the_kernel():
         assert c.entries == 0 and c.map_calls == 1 and c.unmap_calls == 1
     finally:
         os.close(fd)
+
+
+def test_dma_avail_query_on_a_non_vfio_fd_is_an_oserror(tmp_path):
+    """VFIO_IOMMU_GET_INFO (the host's remaining DMA mappings) fails cleanly on a wrong fd; the
+    real query runs in the nested tier (tests/nested/test_nested_vfio.py)."""
+    from hyperpy._fast.vfio import VfioType1Container, iommu_dma_avail
+
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(OSError, match="VFIO_IOMMU_GET_INFO"):
+            iommu_dma_avail(fd)
+        c = VfioType1Container(fd, 100)
+        with pytest.raises(OSError):
+            c.use_host_dma_avail()
+        assert c.dma_entry_limit == 100
+    finally:
+        os.close(fd)

@@ -99,6 +99,22 @@ cdef extern from "<linux/vfio.h>" nogil:
         uint16_t version
         uint32_t next
 
+    # The container's IOMMU info (VFIO_IOMMU_GET_INFO) and its DMA_AVAIL capability: how many
+    # more DMA mappings the host's dma_entry_limit allows this container.
+    unsigned long VFIO_IOMMU_GET_INFO
+    uint32_t VFIO_IOMMU_INFO_CAPS_ "VFIO_IOMMU_INFO_CAPS"
+    uint16_t VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL_ "VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL"
+
+    struct vfio_iommu_type1_info:
+        uint32_t argsz
+        uint32_t flags
+        uint64_t iova_pgsizes
+        uint32_t cap_offset
+
+    struct vfio_iommu_type1_info_dma_avail:
+        vfio_info_cap_header header
+        uint32_t avail
+
     struct vfio_region_sparse_mmap_area:
         uint64_t offset
         uint64_t size
@@ -425,6 +441,15 @@ cdef class VfioType1Container(DmaContainer):
         self._track_unmap(iova, size)
         return 0
 
+    def use_host_dma_avail(self):
+        """Take the host's own count of the mappings left to this container (DMA_AVAIL, see
+        :func:`iommu_dma_avail`) as its limit: ``entries + avail``.  Returns ``avail``, or None
+        (the limit stays as given) when the kernel does not report it."""
+        avail = iommu_dma_avail(self.fd)
+        if avail is not None:
+            self.dma_entry_limit = self.entries + avail
+        return avail
+
     @property
     def backend(self):
         return "vfio-type1v2"
@@ -558,6 +583,43 @@ def group_get_device_fd(int group_fd, str name):
     cdef bytes b = name.encode()
     cdef const char *s = b
     return _ret(ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, s), "VFIO_GROUP_GET_DEVICE_FD")
+
+
+def iommu_dma_avail(int container_fd):
+    """The DMA mappings the host still allows this (type1) container, from VFIO_IOMMU_GET_INFO's
+    DMA_AVAIL capability (Linux 5.10 and later), or None when the kernel does not report it.
+    The capability chain is fetched with a second call when the kernel asks for more room."""
+    cdef vfio_iommu_type1_info first
+    cdef vfio_iommu_type1_info *info = &first
+    cdef char *buf = NULL
+    cdef vfio_info_cap_header *hdr
+    cdef uint32_t off, hops = 0
+    memset(&first, 0, sizeof(first))
+    first.argsz = sizeof(first)
+    _ret(ioctl(container_fd, VFIO_IOMMU_GET_INFO, &first), "VFIO_IOMMU_GET_INFO")
+    if not (first.flags & VFIO_IOMMU_INFO_CAPS_) or first.argsz <= sizeof(first):
+        return None
+    if first.argsz > 65536:
+        raise OSError(EINVAL, f"VFIO_IOMMU_GET_INFO: capability chain of {first.argsz} bytes")
+    buf = <char *>malloc(first.argsz)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        memset(buf, 0, first.argsz)
+        info = <vfio_iommu_type1_info *>buf
+        info.argsz = first.argsz
+        _ret(ioctl(container_fd, VFIO_IOMMU_GET_INFO, info), "VFIO_IOMMU_GET_INFO (capabilities)")
+        off = info.cap_offset
+        # Every header must lie inside the buffer; the walk is bounded.
+        while off and off + sizeof(vfio_iommu_type1_info_dma_avail) <= info.argsz and hops < 64:
+            hdr = <vfio_info_cap_header *>(buf + off)
+            if hdr.id == VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL_:
+                return (<vfio_iommu_type1_info_dma_avail *>hdr).avail
+            off = hdr.next
+            hops += 1
+        return None
+    finally:
+        free(buf)
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,14 +148,17 @@ def open_container(selector: str, *, entry_limit: int | None = None, pin_ns_per_
         container = VfioType1Container(cfd, read_dma_entry_limit(sysfs))
         _attach_group(container, name, group, dev_vfio)
         _vfio.set_iommu(cfd, _vfio.VFIO_TYPE1v2_IOMMU)
+        # The host's own count (it also knows of other users' mappings), else the module
+        # parameter read above.
+        source = "DMA_AVAIL" if container.use_host_dma_avail() is not None else "dma_entry_limit"
     except OSError as e:
         close_container(container) if container is not None else os.close(cfd)
         raise DeviceError(f"VFIO device {name}: {e.strerror}")
     except BaseException:
         close_container(container) if container is not None else os.close(cfd)
         raise
-    log.info("VFIO container for %s (group %d), dma_entry_limit=%d",
-             name, group, container.dma_entry_limit)
+    log.info("VFIO container for %s (group %d): the host allows %d DMA mappings (%s)",
+             name, group, container.dma_entry_limit, source)
     return container
 
 

@@ -145,6 +145,10 @@ def test_vfio_without_iommu_maps_all_ram_at_start(direct):
     assert v["mapper_bytes_mapped"] == 512 * MiB, v
     assert 1 <= v["map_calls"] <= 2 and v["entries"] == v["map_calls"], v
     assert re.search(r"vfio-type1v2", direct.sections["vmm-log"]), direct.sections["vmm-log"][-3000:]
+    # The limit is the host's own count (VFIO_IOMMU_GET_INFO's DMA_AVAIL, H's default 65535).
+    assert "the host allows 65535 DMA mappings (DMA_AVAIL)" in direct.sections["vmm-log"], \
+        direct.sections["vmm-log"][-3000:]
+    assert v["dma_entry_limit"] == 65535, v
 
 
 def test_vfio_with_iommu_round_trips_through_iovas(h, iommu):

@@ -47,6 +47,24 @@ class Iommu(VirtioDevice):
         self.core = core
         self.worker = RequestQueueWorker()
         self.host_refused_maps = 0       # MAPs answered NOMEM because the host refused them
+        self._watched: list[list] = []   # [name, host DMA container, warned]
+
+    def watch_host_limit(self, name: str, container) -> None:
+        """Warn once, early, when the host DMA container of the passed-through device ``name``
+        has used 90% of the mappings the host allows it (past them the guest's MAPs fail)."""
+        self._watched.append([name, container, False])
+
+    def _check_host_limits(self) -> None:
+        for w in self._watched:
+            name, c, warned = w
+            if not warned and c.dma_entry_limit and c.entries * 10 >= c.dma_entry_limit * 9:
+                w[2] = True
+                log.warning("VFIO device %s: %d of the %d DMA mappings the host allows are in "
+                            "use; past the limit the guest's MAPs fail. Fixes: huge pages for the "
+                            "guest's DMA buffers (e.g. hugepagesz=2M hugepages=N on its command "
+                            "line), or a higher limit on the host (echo N > /sys/module/"
+                            "vfio_iommu_type1/parameters/dma_entry_limit)",
+                            name, c.entries, c.dma_entry_limit)
 
     def counters(self) -> dict[str, int]:
         c = self.core
@@ -84,6 +102,8 @@ class Iommu(VirtioDevice):
                 self._host_refused(rc, maps)
             if self.worker.complete(q):
                 ctx.signal_used(REQUEST)
+            if self._watched:
+                self._check_host_limits()
             if done == 0 or broken:
                 return
 
