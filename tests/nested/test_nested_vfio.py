@@ -195,3 +195,61 @@ def test_nested_vfio_huge_pages_need_far_fewer_maps(iommu):
     # Each guest MAP became host VFIO_IOMMU_MAP_DMA work: never more calls than requests.
     for r in rows.values():
         assert 1 <= r["host_map_calls"] <= r["guest_maps"], rows
+
+
+# Past the host's limit (issue 11's "silent failure"): H's vfio_iommu_type1 dma_entry_limit is
+# lowered to LOW_LIMIT for one G, whose 4 KiB-page map needs more host entries than that (one per
+# contiguous run: about 40 for 32 MiB on a fresh G) and whose huge-page map needs 16.  The limit
+# is put back afterwards; this run comes last in the module so that nothing else sees it.
+LOW_LIMIT = 24
+H_LOW_LIMIT_PRE = r"""
+P=/sys/module/vfio_iommu_type1/parameters/dma_entry_limit
+OLD_LIMIT=$(cat $P); echo @LOW@ > $P
+""".replace("@LOW@", str(LOW_LIMIT))
+H_LOW_LIMIT_POST = r"""
+echo "$OLD_LIMIT" > $P
+echo "=== limit-restored"; cat $P
+echo "=== limit-log"; grep -E "host allows|host DMA mapping failed" "$D/vmm.log"
+"""
+
+
+@pytest.fixture(scope="module")
+def limit(h, kit, nested_dir):
+    helper = nv.build_helper(nested_dir)
+    r = gm.GuestRun(
+        "vfio-limit",
+        ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
+         "--device", f"path=/sys/bus/pci/devices/{_nvme(h, 0)},iommu=on", "--console", "tty"],
+        "check nvme-present waitfor test -b /dev/nvme0n1\n"
+        "NVME=$(basename $(readlink -f /sys/class/nvme/nvme0/device))\n" + G_NESTED,
+        ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
+        files={"/vfio_map": helper}, cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
+        pre=H_CONSOLE_FIFO + H_LOW_LIMIT_PRE, during=H_COUNTERS_AROUND_MAPS,
+        post=H_LOW_LIMIT_POST, stdin='"$D/in"')
+    return gm.run(h, kit, r, nested_dir)
+
+
+def test_past_the_host_limit_g_hears_of_it_and_the_log_says_it_once(limit):
+    o = limit
+    assert "HPDONE" in o.serial, o.explain()
+    assert o.sections["limit-restored"].strip() == "65535", o.sections.get("limit-restored")
+    log = o.sections["limit-log"]
+    # The host's own count, an early warning naming the device, one ERROR line with the fixes.
+    assert f"the host allows {LOW_LIMIT} DMA mappings (DMA_AVAIL)" in log, log[-3000:]
+    assert len(re.findall(r"DMA mappings the host allows are in use", log)) == 1, log[-3000:]
+    assert len(re.findall(r"ERROR.*host DMA mapping failed", log)) == 1, log[-3000:]
+    end4k = json.loads(o.sections["counters-end-4k"])
+    iommu = next(v for k, v in end4k.items() if k.startswith("iommu"))
+    vfio = _vfio_counters(o.sections["counters-end-4k"])
+    assert iommu["host_refused_maps"] > 0 and iommu["faults"] > 0, iommu
+    assert vfio["peak_entries"] <= LOW_LIMIT, vfio
+    # What G's kernel says: Linux's virtio-iommu driver logs the fault records it was sent.
+    faults = [t for t in o.warnings() if "fault from EP" in t]
+    assert faults, o.warnings()
+    # The huge-page map fits: it needs no more host entries than the limit allows.
+    huge = _vfio_counters(o.sections["counters-end-huge"])
+    ready = _vfio_counters(o.sections["counters-ready-huge"])
+    assert huge["mapper_map_errors"] == ready["mapper_map_errors"], (ready, huge)
+    print(f"\npast a host limit of {LOW_LIMIT}: hyperpy refused {iommu['host_refused_maps']} "
+          f"guest MAPs, sent {iommu['faults']} faults; G logged {len(faults)} like {faults[0]!r}; "
+          f"G's own map_4k check: {o.checks.get('map_4k')}")
