@@ -130,6 +130,9 @@ def test_host_refusals_are_faults_for_the_guest_and_one_error_line(kvm, guests, 
     finally:
         vm.close()
     assert iommu["host_refused_maps"] > 1 and iommu["faults"] >= 1, iommu
+    # What the guest was answered: the refused MAPs are NOMEM, not OK.
+    assert iommu["status_nomem"] == iommu["host_refused_maps"], iommu
+    assert iommu["status_ok"] + iommu["status_nomem"] <= iommu["requests"], iommu
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "host DMA" in r.getMessage()]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "dma_entry_limit" in errors[0].getMessage() and "huge pages" in errors[0].getMessage()

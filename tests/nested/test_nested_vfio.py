@@ -242,6 +242,7 @@ def test_past_the_host_limit_g_hears_of_it_and_the_log_says_it_once(limit):
     iommu = next(v for k, v in end4k.items() if k.startswith("iommu"))
     vfio = _vfio_counters(o.sections["counters-end-4k"])
     assert iommu["host_refused_maps"] > 0 and iommu["faults"] > 0, iommu
+    assert iommu["status_nomem"] == iommu["host_refused_maps"], iommu
     assert vfio["peak_entries"] <= LOW_LIMIT, vfio
     # What G's kernel says: Linux's virtio-iommu driver logs the fault records it was sent.
     faults = [t for t in o.warnings() if "fault from EP" in t]

@@ -47,6 +47,7 @@ class Iommu(VirtioDevice):
         self.core = core
         self.worker = RequestQueueWorker()
         self.host_refused_maps = 0       # MAPs answered NOMEM because the host refused them
+        self._refused_deverr = 0         # ... of which DEVERR (the host failed otherwise)
         self._watched: list[list] = []   # [name, host DMA container, warned]
 
     def watch_host_limit(self, name: str, container) -> None:
@@ -68,10 +69,16 @@ class Iommu(VirtioDevice):
 
     def counters(self) -> dict[str, int]:
         c = self.core
-        out = {"requests": c.requests, "maps": c.maps, "unmaps": c.unmaps,
-               "unanswered_requests": c.unwritten, "host_refused_maps": self.host_refused_maps,
+        refused = self.host_refused_maps
+        out = {"requests": c.requests, "maps": c.maps - refused, "unmaps": c.unmaps,
+               "unanswered_requests": c.unwritten, "host_refused_maps": refused,
                "faults": c.faults}
         out.update({f"status_{k.lower()}": v for k, v in c.status_counts.items()})
+        # The core counted a refused MAP as applied (OK) before the host's flush failed; the
+        # guest was answered NOMEM (or DEVERR), and that is what the counters say.
+        out["status_ok"] -= refused
+        out["status_nomem"] += refused - self._refused_deverr
+        out["status_deverr"] += self._refused_deverr
         return out
 
     def activate(self, ctx: DeviceContext) -> None:
@@ -119,6 +126,7 @@ class Iommu(VirtioDevice):
                 self.worker.set_status(index, status)
                 self.core.record_refused_map_py(domain, start)
                 refused += 1
+                self._refused_deverr += status == S_DEVERR
         first = self.host_refused_maps == 0
         self.host_refused_maps += refused
         if first:
