@@ -46,9 +46,6 @@ HOST_MODULES = ["kvm_amd", "virtio_iommu", "vfio_pci", "vfio_iommu_type1", "tun"
 
 #: The mounts that make L0's read-only tree a usable root inside H.
 HOST_INIT = r"""
-# H boots on one CPU (maxcpus=1, see L1Host.qemu_command) and brings the others up now, after its
-# boot-time code patching and the module loads.
-for c in /sys/devices/system/cpu/cpu[1-9]*/online; do echo 1 > $c; done
 echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
 mkdir -p /host
 mount -t virtiofs -o ro hostroot /host || echo "HPCHECK fail virtiofs"
@@ -61,7 +58,24 @@ mount -t tmpfs -o size=50% tmpfs /host/dev/shm
 mount -t tmpfs -o size=75% tmpfs /host/run
 mount -t hugetlbfs -o pagesize=2M hugetlbfs /host/dev/hugepages
 mkdir -p /host/run/tmp
+# A keeper VM (irqchip + one vCPU that never runs) for H's lifetime, created while H has one CPU:
+# KVM flips kernel static keys when the first VM or vCPU comes and the last goes (the scheduler's
+# preempt notifiers, the LAPIC "software disabled" key), patching H's text with int3 while the
+# other CPU runs it -- an H oops in __schedule under L0's MTTCG.  With the keeper the counts never
+# drop to 0, so G's VMs come and go without patching anything.
+chroot /host /usr/bin/env -i PATH=/usr/bin:/bin @PY@ -c '
+import time
+from hyperpy._fast.kvm import Kvm
+vm = Kvm().create_vm(); vm.create_irqchip(); cpu = vm.create_vcpu(0)
+open("/run/keeper.ready", "w").close()
+while True: time.sleep(3600)
+' </dev/null >/dev/null 2>&1 &
+for i in $(seq 900); do [ -e /host/run/keeper.ready ] && break; sleep 0.1; done
+# H booted on one CPU (maxcpus=1, see L1Host.qemu_command): the others come up now, after its
+# boot-time code patching, the module loads and the keeper.
+for c in /sys/devices/system/cpu/cpu[1-9]*/online; do echo 1 > $c; done
 ip link set lo up 2>/dev/null
+echo "HPHOST keeper=$(test -e /host/run/keeper.ready && echo yes || echo no)"
 echo "HPHOST cpus=$(grep -c ^processor /proc/cpuinfo) kvm=$(test -c /dev/kvm && echo yes || echo no) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null) npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) groups=$(ls /sys/kernel/iommu_groups | wc -l)"
 # NVMe controllers from L0 go to vfio-pci (H's own nvme driver is built in and takes them first).
 for d in /sys/bus/pci/devices/*; do
@@ -119,7 +133,8 @@ class L1Host:
 
     # ------------------------------------------------------------------ set-up
     def _initramfs(self) -> Path:
-        return linuxkit.build_initramfs(self.kit, HOST_INIT, HOST_MODULES, None,
+        return linuxkit.build_initramfs(self.kit, HOST_INIT.replace("@PY@", sys.executable),
+                                        HOST_MODULES, None,
                                         self.dir / "h-initramfs.cpio")
 
     def qemu_command(self, initrd: Path) -> list[str]:
@@ -186,6 +201,8 @@ class L1Host:
         self.facts = {"cpus": int(m.group(1)), "kvm": m.group(2), "nested": m.group(3),
                       "npt": m.group(4), "groups": int(m.group(5)),
                       "nvme": re.findall(r"HPHOST nvme (\S+) group (\S+) driver (\S+)", con)}
+        if "HPHOST keeper=yes" not in con:
+            raise HostError(f"H's keeper VM did not start; console:\n{con[-3000:]}")
         if self.facts["cpus"] != self.smp:
             raise HostError(f"H brought up {self.facts['cpus']} of its {self.smp} CPUs")
         return self
