@@ -99,17 +99,24 @@ def direct(h, kit, nested_dir):
     return gm.run(h, kit, r, nested_dir)
 
 
+def _nested_vfio_run(name: str, nvme: str, g_script: str, nested_dir, pre: str = "",
+                     post: str = "") -> gm.GuestRun:
+    """A G with the NVMe ``nvme`` passed through behind the virtio-iommu that ends with G's own
+    nested VFIO (``G_NESTED``), H reading hyperpy's counters around each of G's maps."""
+    return gm.GuestRun(
+        name,
+        ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
+         "--device", f"path=/sys/bus/pci/devices/{nvme},iommu=on", "--console", "tty"],
+        g_script + G_NESTED, ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
+        files={"/vfio_map": nv.build_helper(nested_dir)},
+        cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
+        pre=H_CONSOLE_FIFO + pre, during=H_COUNTERS_AROUND_MAPS, post=post, stdin='"$D/in"')
+
+
 @pytest.fixture(scope="module")
 def iommu(h, kit, nested_dir):
-    helper = nv.build_helper(nested_dir)
-    r = gm.GuestRun(
-        "vfio-iommu",
-        ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
-         "--device", f"path=/sys/bus/pci/devices/{_nvme(h, 1)},iommu=on", "--console", "tty"],
-        G_NVME + G_NESTED, ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
-        files={"/vfio_map": helper}, cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
-        pre=H_CONSOLE_FIFO, during=H_COUNTERS_AROUND_MAPS, stdin='"$D/in"')
-    return gm.run(h, kit, r, nested_dir)
+    return gm.run(h, kit, _nested_vfio_run("vfio-iommu", _nvme(h, 1), G_NVME, nested_dir),
+                  nested_dir)
 
 
 def _io_ok(o: gm.Outcome) -> None:
@@ -215,18 +222,10 @@ echo "=== limit-log"; grep -E "host allows|host DMA mapping failed" "$D/vmm.log"
 
 @pytest.fixture(scope="module")
 def limit(h, kit, nested_dir):
-    helper = nv.build_helper(nested_dir)
-    r = gm.GuestRun(
-        "vfio-limit",
-        ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
-         "--device", f"path=/sys/bus/pci/devices/{_nvme(h, 0)},iommu=on", "--console", "tty"],
-        "check nvme-present waitfor test -b /dev/nvme0n1\n"
-        "NVME=$(basename $(readlink -f /sys/class/nvme/nvme0/device))\n" + G_NESTED,
-        ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
-        files={"/vfio_map": helper}, cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
-        pre=H_CONSOLE_FIFO + H_LOW_LIMIT_PRE, during=H_COUNTERS_AROUND_MAPS,
-        post=H_LOW_LIMIT_POST, stdin='"$D/in"')
-    return gm.run(h, kit, r, nested_dir)
+    g = ("check nvme-present waitfor test -b /dev/nvme0n1\n"
+         "NVME=$(basename $(readlink -f /sys/class/nvme/nvme0/device))\n")
+    return gm.run(h, kit, _nested_vfio_run("vfio-limit", _nvme(h, 0), g, nested_dir,
+                                           pre=H_LOW_LIMIT_PRE, post=H_LOW_LIMIT_POST), nested_dir)
 
 
 def test_past_the_host_limit_g_hears_of_it_and_the_log_says_it_once(limit):
