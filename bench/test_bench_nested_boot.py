@@ -22,8 +22,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import pytest
-
 from benchutil import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +29,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "nested"))
 
 import linuxkit  # noqa: E402
-import l1host  # noqa: E402
 
 TABLE = "nested boot: G (Debian 6.12) to init and power-off, hyperpy vs QEMU -accel kvm in one L1"
 ROUNDS = int(os.environ.get("HYPERPY_BENCH_NESTED_ROUNDS", "2"))
@@ -72,22 +69,8 @@ rm -rf "$D"
 """
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    if l1host.QEMU is None or l1host.VIRTIOFSD is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but QEMU/virtiofsd are missing for the nested benchmark")
-        pytest.skip("QEMU and virtiofsd are needed for the nested benchmark")
-    kit = linuxkit.ensure_kit()
-    d = tmp_path_factory.mktemp("nested-bench")
-    h = l1host.L1Host(kit, d / "h", nvme=0)
-    h.start()
-    yield kit, d, h
-    h.close()
-
-
-def test_nested_boot_hyperpy_vs_qemu(host):
-    kit, d, h = host
+def test_nested_boot_hyperpy_vs_qemu(nested_host):
+    kit, d, h = nested_host
     initrd = linuxkit.build_initramfs(kit, "", [], None, d / "g-boot.cpio")
     script = (H_SCRIPT.replace("@ROUNDS@", str(ROUNDS)).replace("@PY@", sys.executable)
               .replace("@K@", str(kit.vmlinux)).replace("@I@", str(initrd))

@@ -160,3 +160,30 @@ def test_pci_cfg_window_reaches_common_config(setup):
     dev.config_write(cap + 16, 4, 0)
     dev.config_write(cap + U.VIRTIO_PCI_CAP_OFFSET, 4, U.VIRTIO_PCI_COMMON_Q_SIZE)
     assert dev.config_read(cap + 16, 4) == 256
+
+
+class InlineRng(Rng):
+    kick_on_vcpu = (0,)
+
+
+def test_kick_on_vcpu_queue_is_served_inside_the_notify_write():
+    """A queue in ``kick_on_vcpu`` has no ioeventfd: the vCPU's MMIO write reaches bar_write,
+    which serves the queue before returning (no event-loop turn), as the virtio-iommu's request
+    queue is served."""
+    mem = GuestMemory()
+    mem.add_region(0, 4 << 20)
+    loop = FakeLoop()
+    dev = VirtioPciDevice(InlineRng(), vm=FakeVm(), router=FakeRouter(), loop=loop,
+                          address_space=AddressSpace(mem))
+    try:
+        dev.bar_moved(0, 0, 0xC000_0000)
+        assert not any(addr == 0xC000_3000 for addr, _ in dev.vm.ioeventfds)
+        negotiate(dev, 1 << U.VIRTIO_F_VERSION_1)
+        drv = Driver(mem, 16, base=0x10000)
+        setup_queue(dev, drv)
+        w(dev, U.VIRTIO_PCI_COMMON_STATUS, 1, 0xF)
+        head = drv.add([], [32])
+        dev.bar_write(0, 0x3000, 2, 0)        # the notify write; no loop.run_ready()
+        assert drv.get_used() == [(head, 32)]
+    finally:
+        dev.close()

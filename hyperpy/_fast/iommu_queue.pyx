@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The virtio-iommu request queue, walked in C.
 
-One :meth:`RequestQueueWorker.gather` pops every available request chain without the GIL,
-gathers each request from its (possibly scattered) descriptors, lets the core apply it, scatters
-the reply into the driver's buffers, and then flushes the host DMA listeners once for the whole
-batch.  The used-ring entries are published only by :meth:`complete`, so when the flush failed the
-device can first turn the statuses of MAPs that never reached the host into NOMEM/DEVERR.
+One :meth:`RequestQueueWorker.drain` call per notification serves the queue without the GIL:
+each round pops up to 256 request chains, gathers each request from its (possibly scattered)
+descriptors, lets the core apply it, scatters the reply into the driver's buffers, flushes the
+host DMA listeners once for the whole round, and publishes the used entries.  A round whose
+flush failed is left unpublished (:meth:`pending_maps`, :meth:`set_status`, :meth:`complete`), so
+the device can first turn the statuses of MAPs that never reached the host into NOMEM/DEVERR.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -67,31 +68,61 @@ cdef class RequestQueueWorker:
         free(self.req)
         free(self.resp)
 
-    def gather(self, SplitQueue q, VirtioIommuCore core):
-        """Apply up to MAX_BATCH requests and flush the listeners.
-
-        Returns ``(requests, broken, flush_rc, maps)``: ``maps`` lists ``(index, domain, start,
-        end)`` of the MAPs answered OK, given only when ``flush_rc`` < 0 (for re-checking).
-        """
-        cdef int r = 0, rc = 0
-        cdef bint broken = False
-        with nogil:
-            self.n = 0
-            while self.n < MAX_BATCH:
-                r = q.pop(self.chain)
-                if r <= 0:
-                    broken = r < 0
-                    break
-                self._one(core, &self.pend[self.n])
-                self.n += 1
-            if self.n:
-                rc = core.flush_listeners()
+    cdef int _gather(self, SplitQueue q, VirtioIommuCore core, bint *broken) noexcept nogil:
+        """One round: pop and apply up to MAX_BATCH requests (self.n), then flush the host
+        listeners; returns the flush's status (< 0: a host call failed)."""
+        cdef int r
+        broken[0] = False
+        self.n = 0
+        while self.n < MAX_BATCH:
+            r = q.pop(self.chain)
+            if r <= 0:
+                broken[0] = r < 0
+                break
+            self._one(core, &self.pend[self.n])
+            self.n += 1
         self.requests += self.n
-        maps = None
-        if rc < 0:
-            maps = [(i, self.pend[i].domain, self.pend[i].start, self.pend[i].end)
-                    for i in range(self.n) if self.pend[i].map_ok]
-        return self.n, broken, rc, maps
+        if self.n:
+            return core.flush_listeners()
+        return 0
+
+    cdef bint _complete(self, SplitQueue q) noexcept nogil:
+        cdef int i
+        cdef bint notify = False
+        for i in range(self.n):
+            q.push_used(self.pend[i].head, self.pend[i].written)
+        if self.n:
+            notify = q.should_notify()
+        self.n = 0
+        return notify
+
+    def pending_maps(self):
+        """``(index, domain, start, end)`` of the gathered batch's MAPs answered OK."""
+        return [(i, self.pend[i].domain, self.pend[i].start, self.pend[i].end)
+                for i in range(self.n) if self.pend[i].map_ok]
+
+    def drain(self, SplitQueue q, VirtioIommuCore core):
+        """Rounds of gather and complete, in C without the GIL, until the queue is empty, the
+        ring is broken, or a round's host flush failed; that last round is left gathered but
+        unpublished (``pending_maps``, ``set_status``, then ``complete``), since its statuses
+        must be corrected first.  One Python call per notification on the fast path.
+
+        Returns ``(requests, notify, broken, flush_rc)``.
+        """
+        cdef int rc = 0, served = 0, n
+        cdef bint broken = False, notify = False
+        with nogil:
+            while True:
+                rc = self._gather(q, core, &broken)
+                n = self.n
+                served += n
+                if rc < 0:
+                    break
+                if self._complete(q):
+                    notify = True
+                if n == 0 or broken:
+                    break
+        return served, notify, broken, rc
 
     cdef void _one(self, VirtioIommuCore core, Pending *p) noexcept nogil:
         cdef Chain *c = self.chain
@@ -139,12 +170,7 @@ cdef class RequestQueueWorker:
 
     def complete(self, SplitQueue q):
         """Publish the batch's used entries; returns whether the driver wants an interrupt."""
-        cdef int i
-        cdef bint notify = False
+        cdef bint notify
         with nogil:
-            for i in range(self.n):
-                q.push_used(self.pend[i].head, self.pend[i].written)
-            if self.n:
-                notify = q.should_notify()
-            self.n = 0
+            notify = self._complete(q)
         return notify

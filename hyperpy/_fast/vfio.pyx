@@ -139,6 +139,10 @@ cdef extern from "<linux/vfio.h>" nogil:
 
 # Python-visible constants (from the header).
 VFIO_API_VERSION = VFIO_API_VERSION_
+# The ioctl request numbers themselves, for tools that count a VMM's host map calls (a kprobe
+# on vfio_iommu_type1_ioctl keyed by cmd: bench/test_bench_nested_vfio.py).
+IOCTL_MAP_DMA = VFIO_IOMMU_MAP_DMA
+IOCTL_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA
 VFIO_TYPE1v2_IOMMU = VFIO_TYPE1v2_IOMMU_
 VFIO_DMA_MAP_FLAG_READ = VFIO_DMA_MAP_FLAG_READ_
 VFIO_DMA_MAP_FLAG_WRITE = VFIO_DMA_MAP_FLAG_WRITE_

@@ -238,7 +238,7 @@ def _script_in_h(h: L1Host, r: GuestRun, script: str):
         h.close()
         oops = "\n".join(ln for ln in h.console().splitlines()
                          if re.search(r"BUG|Oops|RIP:|panic|kvm|\] [ ?]*\w+\+0x", ln))
-        print(f"\nWARNING: the L1 host died during {r.name}, rebooting it: {str(e)[-300:]}\n"
+        print(f"\nWARNING: the L1 host died during {r.name}, rebooting it: {str(e).splitlines()[0]}\n"
               f"H's console (the oops):\n{oops[-3000:]}")
         h.start()
         return h.script(f"g-{r.name}", script, timeout=r.timeout + 120)

@@ -32,6 +32,10 @@ class VirtioDevice:
 
     device_type: int = 0
     name: str = "virtio"
+    #: Queues whose kick is served on the kicking vCPU's own exit, not on the event-loop thread:
+    #: for a driver that busy-polls each request's completion (Linux's virtio-iommu), the thread
+    #: hop (ioeventfd, epoll wake-up, another CPU) is most of the round trip.
+    kick_on_vcpu: tuple[int, ...] = ()
 
     def __init__(self, queue_sizes: list[int], features: int = 0, config: bytes = b"") -> None:
         self.queue_sizes = list(queue_sizes)
@@ -53,7 +57,8 @@ class VirtioDevice:
         self.ctx = ctx
 
     def queue_notify(self, index: int) -> None:
-        """The driver kicked queue ``index`` (runs on the event-loop thread)."""
+        """The driver kicked queue ``index`` (runs on the event-loop thread, or for the queues in
+        ``kick_on_vcpu`` on the kicking vCPU's thread)."""
 
     def reset(self) -> None:
         self.ctx = None

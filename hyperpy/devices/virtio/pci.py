@@ -142,6 +142,8 @@ class VirtioPciDevice(PciDevice):
     def bar_moved(self, index: int, old: int, new: int) -> None:
         # Queue kicks are ioeventfds at the notify addresses: they move with the BAR.
         for i, q in enumerate(self.queues):
+            if i in self.device.kick_on_vcpu:
+                continue        # served in bar_write, on the vCPU's MMIO exit
             if old:
                 self.vm.ioeventfd(q.kick_fd, old + NOTIFY_OFF + NOTIFY_MULTIPLIER * i, deassign=True)
             if new:
@@ -169,9 +171,13 @@ class VirtioPciDevice(PciDevice):
             elif DEVICE_OFF <= offset < NOTIFY_OFF:
                 self.device.config_write(offset - DEVICE_OFF, size, value)
             elif NOTIFY_OFF <= offset < MSIX_TABLE_OFF:
-                # Only reached when the ioeventfd is not in place: forward to the device thread.
                 i = (offset - NOTIFY_OFF) // NOTIFY_MULTIPLIER
-                if i < len(self.queues):
+                if i in self.device.kick_on_vcpu:
+                    # Served here, on the vCPU's exit: the used ring is written before the
+                    # guest runs again, so a driver polling for it finds it at once.
+                    self._kicked(i, inline=True)
+                elif i < len(self.queues):
+                    # Only reached when the ioeventfd is not in place: forward to the device thread.
                     os.eventfd_write(self.queues[i].kick_fd, 1)
             elif MSIX_TABLE_OFF <= offset < MSIX_PBA_OFF:
                 self.msix.table_write(offset - MSIX_TABLE_OFF, size, value)
@@ -317,12 +323,13 @@ class VirtioPciDevice(PciDevice):
         self.isr |= U.VIRTIO_PCI_ISR_CONFIG
         self.msix.trigger(self.msix_config)
 
-    def _kicked(self, index: int) -> None:
+    def _kicked(self, index: int, inline: bool = False) -> None:
         q = self.queues[index]
-        try:
-            os.eventfd_read(q.kick_fd)
-        except BlockingIOError:
-            pass
+        if not inline:
+            try:
+                os.eventfd_read(q.kick_fd)
+            except BlockingIOError:
+                pass
         if not (self.active and q.enabled) or self.status & U.VIRTIO_CONFIG_S_NEEDS_RESET:
             return
         self.device.queue_notify(index)
