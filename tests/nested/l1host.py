@@ -143,8 +143,12 @@ class L1Host:
         # text_poke_bp) has oopsed H: a boot-time static key flip (sched_clock's "stable" at
         # late_initcall, seen as an int3 Oops in sched_clock_cpu) is such a patch; on one CPU
         # there is no other CPU to race.  docs/testing.md has the rest of the story.
+        # panic_on_rcu_stall: when one of H's CPUs stops taking interrupts (the hang of
+        # docs/testing.md: an RCU stall on it, then silence), H panics and L0 QEMU exits
+        # (-no-reboot), so the harness knows within a minute instead of at the script's timeout.
         append = ("console=ttyS0 panic=-1 quiet loglevel=4 maxcpus=1 "
-                  f"hugepagesz=2M hugepages={self.hugepages_2m} transparent_hugepage=never")
+                  f"hugepagesz=2M hugepages={self.hugepages_2m} transparent_hugepage=never "
+                  "sysctl.kernel.panic_on_rcu_stall=1")
         # Multi-threaded TCG (QEMU's default): one thread per vCPU of H.  docs/testing.md lists
         # the rare flakes it has shown and why one thread is not used (too slow for the budget).
         cmd = [QEMU, "-M", "q35,accel=tcg,memory-backend=mem", "-cpu", "max",
