@@ -57,15 +57,7 @@ BDF=
 for d in /sys/bus/pci/devices/*; do [ "$(cat $d/class)" = @CLASS@ ] && BDF=${d##*/}; done
 check nvme-found [ -n "$BDF" ]
 waitfor test -e /sys/bus/pci/devices/$BDF/iommu_group
-GROUP=$(basename "$(readlink /sys/bus/pci/devices/$BDF/iommu_group)")
-[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
-echo vfio-pci > /sys/bus/pci/devices/$BDF/driver_override
-echo $BDF > /sys/bus/pci/drivers_probe
-check g-vfio-bound [ "$(basename "$(readlink /sys/bus/pci/devices/$BDF/driver)")" = vfio-pci ]
-echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
-mkdir -p /mnt/huge
-check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
-chmod 755 /vfio_map
+@BIND@
 for mib in @SIZES@; do
     for mode in @MODES@; do
         echo "NV ready $mode-$mib"; sleep @PAUSE@
@@ -112,7 +104,8 @@ def _tags() -> list[str]:
 
 def guest_run(vmm: str, backing: str, batching: str, bdf: str, helper: Path) -> gm.GuestRun:
     g_mb = nested_vfio_guest_mb()
-    script = (G_SCRIPT.replace("@CLASS@", NVME_CLASS).replace("@PAUSE@", str(PAUSE))
+    script = (G_SCRIPT.replace("@BIND@", nv.G_BIND_VFIO.strip())
+              .replace("@CLASS@", NVME_CLASS).replace("@PAUSE@", str(PAUSE))
               .replace("@SIZES@", " ".join(map(str, SIZES))).replace("@MODES@", " ".join(MODES)))
     wait = 600 + 2 * max(SIZES)            # the slowest map (1 GiB fragmented) at TCG speed
     during = (H_DURING.replace("@TAGS@", " ".join(_tags())).replace("@WAIT@", str(wait)))

@@ -31,6 +31,21 @@ HELPER_SRC = HERE / "linux" / "vfio_map.c"
 MODULES = ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"]
 RNG_DEVICE_ID = "0x1044"          # virtio-rng, modern (0x1040 + 4)
 
+# A Linux guest's passed-through PCI function $BDF to its own vfio-pci, ready for the helper:
+# sets $GROUP, mounts hugetlbfs on /mnt/huge (the nested tier's G and its benchmark share it).
+G_BIND_VFIO = r"""
+GROUP=$(basename "$(readlink /sys/bus/pci/devices/$BDF/iommu_group)")
+[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
+echo vfio-pci > /sys/bus/pci/devices/$BDF/driver_override
+echo $BDF > /sys/bus/pci/drivers_probe
+check g-vfio-bound [ "$(basename "$(readlink /sys/bus/pci/devices/$BDF/driver)")" = vfio-pci ]
+check g-vfio-node test -c /dev/vfio/$GROUP
+echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
+mkdir -p /mnt/huge
+check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
+chmod 755 /vfio_map
+"""
+
 GUEST_SCRIPT = r"""
 MIB=$(sed -n 's/.*nv_mib=\([0-9]*\).*/\1/p' /proc/cmdline); MIB=${MIB:-64}
 PAUSE=$(sed -n 's/.*nv_pause=\([0-9]*\).*/\1/p' /proc/cmdline); PAUSE=${PAUSE:-0}

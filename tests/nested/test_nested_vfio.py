@@ -46,17 +46,7 @@ grep nvme /proc/interrupts | sed 's/^/HPNVMEIRQ /'
 """.replace("@COUNT@", str(PATTERN_MIB * 16)).replace("@SEEK@", str(PATTERN_AT_MIB * 16))
 
 # G's nested VFIO: the NVMe from its nvme driver to its vfio-pci, then the helper's two maps.
-G_NESTED = r"""
-GROUP=$(basename "$(readlink /sys/bus/pci/devices/$NVME/iommu_group)")
-echo $NVME > /sys/bus/pci/devices/$NVME/driver/unbind
-echo vfio-pci > /sys/bus/pci/devices/$NVME/driver_override
-echo $NVME > /sys/bus/pci/drivers_probe
-check g-vfio-bound [ "$(basename "$(readlink /sys/bus/pci/devices/$NVME/driver)")" = vfio-pci ]
-check g-vfio-node test -c /dev/vfio/$GROUP
-echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
-mkdir -p /mnt/huge
-check g-hugetlbfs mount -t hugetlbfs none /mnt/huge
-chmod 755 /vfio_map
+G_NESTED = "BDF=$NVME\n" + nv.G_BIND_VFIO + r"""
 # Around each map the host reads hyperpy's counters, then answers on hvc0 (a handshake, so the
 # counters bracket exactly one map however slowly the host's client starts).
 exec 5<>/dev/hvc0
@@ -107,7 +97,7 @@ def _nested_vfio_run(name: str, nvme: str, g_script: str, nested_dir, pre: str =
         name,
         ["--cpus", "boot=1", "--memory", "size=512M,hugepages=on",
          "--device", f"path=/sys/bus/pci/devices/{nvme},iommu=on", "--console", "tty"],
-        g_script + G_NESTED, ["virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci"],
+        g_script + G_NESTED, list(nv.MODULES),
         files={"/vfio_map": nv.build_helper(nested_dir)},
         cmdline=f"hugepagesz=2M hugepages={NV_MIB // 2 + 8}",
         pre=H_CONSOLE_FIFO + pre, during=H_COUNTERS_AROUND_MAPS, post=post, stdin='"$D/in"')

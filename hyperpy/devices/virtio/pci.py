@@ -89,7 +89,7 @@ class VirtioPciDevice(PciDevice):
                                              wmask=b"\0\0\xff\0\0\0" + b"\xff" * 12)
         self.msix.add_capability(cfg, BAR_INDEX, MSIX_TABLE_OFF, MSIX_PBA_OFF)
         for i, q in enumerate(self.queues):
-            loop.add(q.kick_fd, lambda i=i: self._kicked(i))
+            loop.add(q.kick_fd, lambda i=i: self._kick_fd_ready(i))
 
     def _add_virtio_cap(self, cfg_type: int, offset: int, length: int, extra: bytes = b"",
                         wmask: bytes | None = None) -> int:
@@ -175,7 +175,7 @@ class VirtioPciDevice(PciDevice):
                 if i in self.device.kick_on_vcpu:
                     # Served here, on the vCPU's exit: the used ring is written before the
                     # guest runs again, so a driver polling for it finds it at once.
-                    self._kicked(i, inline=True)
+                    self._kicked(i)
                 elif i < len(self.queues):
                     # Only reached when the ioeventfd is not in place: forward to the device thread.
                     os.eventfd_write(self.queues[i].kick_fd, 1)
@@ -323,13 +323,16 @@ class VirtioPciDevice(PciDevice):
         self.isr |= U.VIRTIO_PCI_ISR_CONFIG
         self.msix.trigger(self.msix_config)
 
-    def _kicked(self, index: int, inline: bool = False) -> None:
+    def _kick_fd_ready(self, index: int) -> None:
+        """A kick through the queue's ioeventfd, on the event-loop thread."""
+        try:
+            os.eventfd_read(self.queues[index].kick_fd)
+        except BlockingIOError:
+            pass
+        self._kicked(index)
+
+    def _kicked(self, index: int) -> None:
         q = self.queues[index]
-        if not inline:
-            try:
-                os.eventfd_read(q.kick_fd)
-            except BlockingIOError:
-                pass
         if not (self.active and q.enabled) or self.status & U.VIRTIO_CONFIG_S_NEEDS_RESET:
             return
         self.device.queue_notify(index)
